@@ -1,0 +1,1 @@
+"""Experiment configs (installed as `triplane3d.configs`)."""

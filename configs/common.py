@@ -1,0 +1,130 @@
+"""The shared config schema: every field any experiment can set, with its default.
+
+Experiment files (`vitb.py`, `demo.py`, ...) call `get_base_config()` and change numbers.
+`python -m triplane3d.main --config=configs/X.py --config.a.b=v` overrides a field; an
+unknown field is an error (ConfigDicts here are locked).
+
+Defaults are the paper's ViT-B/14 settings (SPEC.md §1) unless a comment says otherwise.
+"""
+
+import ml_collections as mlc
+
+
+def get_base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.workdir = ''  # Also settable by --workdir.
+
+  # The student backbone (and, with distillation, its frozen teacher).
+  c.model = mlc.ConfigDict()
+  c.model.variant = 'vitb14'  # vits14 / vitb14 / vitl14 / vitg14, optionally '_reg'.
+  # DINOv2 weights: a .pth / .safetensors file, a Hugging Face directory or hub name
+  # (e.g. 'facebook/dinov2-base'). Empty: random initialisation (the "from scratch" ablation).
+  c.model.init_from = ''
+  c.model.img_size = 224
+  c.model.dtype = 'bfloat16'  # Computation dtype; parameters stay float32.
+  c.model.remat = True  # Rematerialise each block in the backward pass.
+  c.model.drop_path_rate = 0.0
+  c.model.num_layers_h = 4  # h = normed cls + patch tokens of the last N blocks.
+
+  # The decoder from h to triplanes (or, for the ablation, straight to RGB + depth).
+  c.decoder = mlc.ConfigDict()
+  c.decoder.kind = 'triplane'  # 'triplane' | 'conv' (the "no triplane" ablation).
+  c.decoder.width = 512  # D_dec: width of the learnable plane embeddings.
+  c.decoder.num_heads = 8
+  c.decoder.num_layers = 1  # Cross-attention blocks (queries: embeddings; keys: h).
+  c.decoder.low_res = 16  # Resolution of the learnable embeddings / low-res triplanes.
+  c.decoder.up_channels = (256, 128, 64)  # One ×2 upsampling block each: 16 → 128.
+  c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
+  c.decoder.dtype = 'bfloat16'
+
+  # Volume rendering (SPEC.md §3).
+  c.render = mlc.ConfigDict()
+  c.render.resolution = 256
+  c.render.num_coarse = 16
+  c.render.num_fine = 16
+  c.render.plane_axes = 'xyz'  # 'xyz' (xy, xz, yz) or 'eg3d' (xy, xz, zx: EG3D's bug).
+  c.render.white_background = False
+  c.render.mlp_hidden = 64
+  c.render.chunk = 8192  # Rays per rematerialised chunk; 0 renders all rays at once.
+  c.render.rays_per_image = 0  # > 0: train on a random subset of rays per image.
+  c.render.pdf_search = 'mask'  # 'mask' (TPU-friendly) or 'searchsorted'.
+
+  # The one camera (see triplane3d/render/camera.py for the conventions).
+  c.camera = mlc.ConfigDict()
+  c.camera.fx = 1.5
+  c.camera.fy = 1.5
+  c.camera.cx = 0.5
+  c.camera.cy = 0.5
+  c.camera.near = 1.5
+  c.camera.far = 2.5
+  c.camera.position = (0.0, 0.0, 0.0)
+  c.camera.rotation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+  c.camera.box_center = (0.0, 0.0, 2.0)
+  c.camera.box_size = 1.0
+
+  # How pseudo depth is mapped into [camera.near, camera.far].
+  c.depth = mlc.ConfigDict()
+  # 'percentile': per-image affine map of the lo/hi percentiles to near/far (clipped).
+  # 'minmax': the same with min and max. 'none': depth is already metric in the scene range.
+  c.depth.normalize = 'percentile'
+  c.depth.lo_percentile = 2.0
+  c.depth.hi_percentile = 98.0
+  # ZoeDepth-style models predict distance (larger = farther). Set True for disparity models.
+  c.depth.is_disparity = False
+
+  # Objective: L = 0.1 L_rgb + 1 L_depth + 1 L_dist + 1e-3 L_norm.
+  c.loss = mlc.ConfigDict()
+  c.loss.rgb_weight = 0.1
+  c.loss.depth_weight = 1.0
+  c.loss.dist_weight = 1.0  # 0 disables distillation (and the teacher).
+  c.loss.norm_weight = 1e-3
+  # The paper writes L_norm as a sum over points; a mean keeps its scale independent of the
+  # number of rays and samples. 'mean' (default) or 'sum' (per image, averaged over images).
+  c.loss.norm_reduction = 'mean'
+
+  # Data.
+  c.data = mlc.ConfigDict()
+  c.data.source = 'tfds'  # 'tfds' (ArrayRecord, through tfds.data_source) or 'synthetic'.
+  c.data.name = 'imagenet2012'
+  c.data.split = 'train'
+  c.data.data_dir = ''  # Empty: TFDS default.
+  c.data.depth_name = 'imagenet2012_depth'  # The precomputed pseudo-depth dataset.
+  c.data.num_synthetic = 0  # Synthetic source only: number of scenes to generate.
+  c.data.subset_size = 0  # > 0: train on a fixed random subset of N examples (ablation).
+  c.data.crop_scale = (0.08, 1.0)  # Random resized crop (scale, ratio).
+  c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)
+  c.data.flip = True
+  c.data.num_workers = 8  # grain worker processes per host; 0 reads in the main process.
+  c.data.prefetch = 2
+  c.data.max_bad_fraction = 0.001  # Stop if more than this fraction of images is corrupt.
+
+  # Optimisation.
+  c.optim = mlc.ConfigDict()
+  c.optim.name = 'adam'  # 'adam' | 'adamw'
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.schedule = 'constant'  # 'constant' | 'cosine'
+  c.optim.warmup_steps = 0
+  c.optim.grad_clip_norm = 0.0  # 0: no clipping.
+  # Per-group learning-rate multipliers by parameter-path regex; first match wins, every
+  # parameter must match a rule. A multiplier of 0 freezes the group.
+  c.optim.lr_mults = (('.*', 1.0),)
+
+  # Time.
+  c.train = mlc.ConfigDict()
+  c.train.batch_size = 512  # Global batch.
+  c.train.num_epochs = 10
+  c.train.num_steps = 0  # > 0 overrides num_epochs.
+  c.train.log_every_steps = 50
+  c.train.image_every_steps = 1000
+  c.train.ckpt_every_steps = 1000
+  c.train.keep_ckpts = 3
+
+  # Parallelism: a (data, fsdp) mesh. -1 takes whatever devices remain.
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  return c

@@ -1,0 +1,1 @@
+"""triplane3d.evaluate."""
