@@ -4,5 +4,36 @@ Everything here is a pure function of arrays (numpy or jax.numpy); no Flax.
 """
 
 from triplane3d.render.camera import Camera
+from triplane3d.render.marching import activate_density, raymarch
+from triplane3d.render.pdf import sample_pdf
+from triplane3d.render.planes import plane_coords, sample_planes, sample_planes_mean
+from triplane3d.render.renderer import (
+  RenderOptions,
+  RenderOutput,
+  gather_pixels,
+  ray_table,
+  render_batch,
+  render_image,
+  to_image,
+)
+from triplane3d.render.sampling import importance_bins, smooth_weights, stratified_depths
 
-__all__ = ['Camera']
+__all__ = [
+  'Camera',
+  'RenderOptions',
+  'RenderOutput',
+  'activate_density',
+  'gather_pixels',
+  'importance_bins',
+  'plane_coords',
+  'ray_table',
+  'raymarch',
+  'render_batch',
+  'render_image',
+  'sample_pdf',
+  'sample_planes',
+  'sample_planes_mean',
+  'smooth_weights',
+  'stratified_depths',
+  'to_image',
+]

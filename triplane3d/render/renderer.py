@@ -1,0 +1,254 @@
+"""The volume renderer for one image (EG3D semantics, SPEC.md §3), vmappable over a batch.
+
+Per ray: stratified coarse depths with jitter → triplane lookup (mean of the three planes) →
+point decoder → coarse march → importance sampling (no gradient through the positions) →
+fine lookup → merge and co-sort coarse and fine samples → final march.
+
+The point decoder is a pure function `decode_fn(mlp_params, feats_nc) -> (rgb_n3,
+raw_sigma_n1)` with its parameter pytree, so this module stays free of Flax and gradients
+flow to both the planes and the decoder parameters.
+
+Memory: rays are rendered in chunks of `chunk` rays under `jax.lax.map` with each chunk
+rematerialised (`jax.checkpoint`), so the backward pass holds one chunk's activations at a
+time. All random numbers (ray subset, jitter, fine-sample draws) are drawn per ray before
+chunking, so the output does not depend on the chunk size.
+
+Key for shape suffixes: n rays, k samples per ray, c channels, h/w image rows/columns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from triplane3d.render.camera import Camera
+from triplane3d.render.marching import activate_density, raymarch
+from triplane3d.render.pdf import sample_pdf
+from triplane3d.render.planes import sample_planes_mean
+from triplane3d.render.sampling import importance_bins, stratified_depths
+
+DecodeFn = Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderOptions:
+  """Static rendering settings (hashable: usable as a static argument under `jax.jit`).
+
+  Attributes:
+    resolution: output images are resolution × resolution, one ray per pixel.
+    num_coarse: stratified samples per ray (>= 4 when num_fine > 0).
+    num_fine: importance samples per ray (0: coarse only).
+    plane_axes: 'xyz' or 'eg3d' (see planes.py).
+    white_background: composite onto white instead of black.
+    chunk: rays per rematerialised chunk; 0 renders all rays at once (no remat).
+    rays_per_image: > 0: render only this many random rays per image (training).
+    pdf_search: 'mask' or 'searchsorted' (see pdf.py).
+    camera: the fixed camera (near/far, box and rays come from it).
+  """
+
+  resolution: int = 256
+  num_coarse: int = 16
+  num_fine: int = 16
+  plane_axes: str = 'xyz'
+  white_background: bool = False
+  chunk: int = 8192
+  rays_per_image: int = 0
+  pdf_search: str = 'mask'
+  camera: Camera = dataclasses.field(default_factory=Camera)
+
+  def __post_init__(self):
+    if self.num_coarse < (4 if self.num_fine > 0 else 2):
+      raise ValueError(f'num_coarse={self.num_coarse} is too small for num_fine={self.num_fine}.')
+    if not 0 <= self.rays_per_image <= self.resolution**2:
+      raise ValueError(f'rays_per_image must be in [0, resolution²], got {self.rays_per_image}.')
+    if self.chunk < 0:
+      raise ValueError(f'chunk must be >= 0, got {self.chunk}.')
+
+  @classmethod
+  def from_config(cls, render_cfg, camera: Camera) -> RenderOptions:
+    """From the `render` config section and the one camera (`Camera.from_config`)."""
+    return cls(
+      resolution=int(render_cfg.resolution),
+      num_coarse=int(render_cfg.num_coarse),
+      num_fine=int(render_cfg.num_fine),
+      plane_axes=str(render_cfg.plane_axes),
+      white_background=bool(render_cfg.white_background),
+      chunk=int(render_cfg.chunk),
+      rays_per_image=int(render_cfg.rays_per_image),
+      pdf_search=str(render_cfg.pdf_search),
+      camera=camera,
+    )
+
+  @property
+  def num_rays(self) -> int:
+    """Rays rendered per image: rays_per_image, or every pixel."""
+    return self.rays_per_image or self.resolution**2
+
+  @property
+  def num_samples(self) -> int:
+    """Decoder queries per ray (coarse + fine)."""
+    return self.num_coarse + self.num_fine
+
+
+class RenderOutput(NamedTuple):
+  """What `render_image` returns; every field is per rendered ray (n rays).
+
+  rgb: (n, 3) composited colour in [0, 1] (up to the decoder's ±0.001 margin).
+  depth: (n, 1) expected depth along the unit ray, within the sample range.
+  opacity: (n, 1) accumulated opacity Σ weights.
+  densities: (n, k) **activated** densities softplus(raw - 1) of every queried point
+    (coarse and fine, sorted by depth): the non-negative densities the marcher integrates,
+    for the L1 density loss L_norm.
+  ray_indices: (n,) int32 row-major pixel index (row * resolution + column) of each ray; use
+    `gather_pixels` to take the same pixels from targets.
+  """
+
+  rgb: jnp.ndarray
+  depth: jnp.ndarray
+  opacity: jnp.ndarray
+  densities: jnp.ndarray
+  ray_indices: jnp.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def ray_table(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """The constant (origins (R², 3), dirs (R², 3)) float32 table, row-major pixel order."""
+  origins, dirs = camera.rays(resolution)
+  return (
+    origins.reshape(-1, 3).astype(np.float32),
+    dirs.reshape(-1, 3).astype(np.float32),
+  )
+
+
+def gather_pixels(image_hwc: jnp.ndarray, ray_indices: jnp.ndarray) -> jnp.ndarray:
+  """Pixels of an (H, W, C) target at row-major `ray_indices` (n,) → (n, C)."""
+  return image_hwc.reshape(-1, image_hwc.shape[-1])[ray_indices]
+
+
+def to_image(values_nc: jnp.ndarray, resolution: int) -> jnp.ndarray:
+  """(..., R², C) values of a full render → (..., R, R, C) image."""
+  return values_nc.reshape(*values_nc.shape[:-2], resolution, resolution, values_nc.shape[-1])
+
+
+def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, options):
+  """Decodes the points origin + depth * dir: → (rgb (n, k, 3), raw (n, k))."""
+  n, k = depths_nk.shape
+  points_nk3 = origins_n3[:, None, :] + dirs_n3[:, None, :] * depths_nk[..., None]
+  cam = options.camera
+  feats = sample_planes_mean(
+    planes, points_nk3.reshape(n * k, 3), cam.box_size, options.plane_axes, cam.box_center
+  )
+  rgb, raw = decode_fn(mlp_params, feats)
+  return rgb.astype(jnp.float32).reshape(n, k, 3), raw.astype(jnp.float32).reshape(n, k)
+
+
+def _render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, decode_fn, options):
+  """Renders a set of rays → (rgb (n, 3), depth (n, 1), opacity (n, 1), densities (n, k))."""
+  cam = options.camera
+  query = functools.partial(_query, planes, mlp_params, origins_n3, dirs_n3)
+  depths = stratified_depths(jitter_nk, cam.near, cam.far)
+  rgb, raw = query(depths, decode_fn, options)
+  if options.num_fine > 0:
+    _, _, coarse_w = raymarch(rgb, raw[..., None], depths[..., None])
+    # No gradient through the sample positions (EG3D detaches them).
+    bins, bin_w = importance_bins(depths, jax.lax.stop_gradient(coarse_w[..., 0]))
+    fine = jax.lax.stop_gradient(sample_pdf(bins, bin_w, u_nk, options.pdf_search))
+    rgb_f, raw_f = query(fine, decode_fn, options)
+    # Coarse evaluations are reused: merge, then co-sort every payload by depth at once.
+    depths, raw, r, g, b = jax.lax.sort(
+      (
+        jnp.concatenate([depths, fine], axis=1),
+        jnp.concatenate([raw, raw_f], axis=1),
+        *(jnp.concatenate([rgb[..., i], rgb_f[..., i]], axis=1) for i in range(3)),
+      ),
+      dimension=1,
+      num_keys=1,
+    )
+    rgb = jnp.stack([r, g, b], axis=-1)
+  color, depth, weights = raymarch(rgb, raw[..., None], depths[..., None], options.white_background)
+  return color, depth, jnp.sum(weights, axis=-2), activate_density(raw)
+
+
+def render_image(
+  planes: jnp.ndarray,
+  mlp_params: Any,
+  key: jax.Array,
+  *,
+  decode_fn: DecodeFn,
+  options: RenderOptions,
+  ray_indices: jnp.ndarray | None = None,
+) -> RenderOutput:
+  """Renders one image from its triplanes (deterministic given `key`).
+
+  Args:
+    planes: (3, H, W, C) triplane features (computed in float32).
+    mlp_params: the pytree `decode_fn` takes.
+    key: PRNG key for the ray subset, the coarse jitter and the importance draws.
+    decode_fn: `(mlp_params, feats (m, C)) -> (rgb (m, 3), raw density (m, 1))`.
+    options: static settings, `RenderOptions.from_config(cfg.render, camera)`.
+    ray_indices: optional (n,) row-major pixel indices to render. Default: a random subset
+      of `options.rays_per_image` pixels if that is > 0, else every pixel.
+
+  Returns:
+    A `RenderOutput` with n = number of rendered rays (see its docstring).
+  """
+  planes = planes.astype(jnp.float32)
+  num_pixels = options.resolution**2
+  k_rays, k_jitter, k_fine = jax.random.split(key, 3)
+  if ray_indices is None:
+    if options.rays_per_image:
+      ray_indices = jax.random.choice(k_rays, num_pixels, (options.rays_per_image,), False)
+    else:
+      ray_indices = jnp.arange(num_pixels)
+  ray_indices = ray_indices.astype(jnp.int32)
+  n = ray_indices.shape[0]
+  origins, dirs = ray_table(options.camera, options.resolution)
+  origins = jnp.asarray(origins)[ray_indices]
+  dirs = jnp.asarray(dirs)[ray_indices]
+  jitter = jax.random.uniform(k_jitter, (n, options.num_coarse))
+  u = jax.random.uniform(k_fine, (n, options.num_fine))
+  inputs = (origins, dirs, jitter, u)
+  body = functools.partial(_render_rays, decode_fn=decode_fn, options=options)
+
+  chunk = options.chunk
+  if not chunk or chunk >= n:
+    outputs = body(planes, mlp_params, *inputs)
+  else:
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+    # Padded rays repeat ray 0 (a valid ray); their outputs are dropped below.
+    inputs = tuple(
+      jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))]).reshape(
+        num_chunks, chunk, *x.shape[1:]
+      )
+      for x in inputs
+    )
+    # prevent_cse=False is safe (and faster) inside a scan-like loop.
+    remat_body = jax.checkpoint(body, prevent_cse=False)
+    outputs = jax.lax.map(lambda xs: remat_body(planes, mlp_params, *xs), inputs)
+    outputs = tuple(y.reshape(num_chunks * chunk, *y.shape[2:])[:n] for y in outputs)
+  rgb, depth, opacity, densities = outputs
+  return RenderOutput(rgb, depth, opacity, densities, ray_indices)
+
+
+def render_batch(
+  planes_b: jnp.ndarray,
+  mlp_params: Any,
+  key: jax.Array,
+  *,
+  decode_fn: DecodeFn,
+  options: RenderOptions,
+) -> RenderOutput:
+  """`render_image` vmapped over planes (B, 3, H, W, C), one key per image.
+
+  Returns a `RenderOutput` whose fields gain a leading batch axis B.
+  """
+  keys = jax.random.split(key, planes_b.shape[0])
+  render = functools.partial(render_image, decode_fn=decode_fn, options=options)
+  return jax.vmap(render, in_axes=(0, None, 0))(planes_b, mlp_params, keys)

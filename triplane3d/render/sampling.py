@@ -1,0 +1,62 @@
+"""Sample depths along rays: stratified coarse samples and EG3D's importance-sampling inputs.
+
+SPEC.md §3. Coarse depths are linspace(near, far, K) plus an independent uniform jitter in
+[0, Δ) per sample, Δ = (far - near) / (K - 1) (as in EG3D, the last sample may pass `far`).
+Importance sampling smooths the coarse weights (max-pool width 2 with padding 1, then
+average-pool width 2), adds 0.01, and samples the coarse midpoints as bins with EG3D's
+weights[1:-1] (so the last coarse interval never receives fine samples).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def stratified_depths(jitter: jnp.ndarray, near: float, far: float) -> jnp.ndarray:
+  """Jittered coarse depths.
+
+  Args:
+    jitter: (..., K) uniform draws in [0, 1), K >= 2 (drawn by the caller, so that the same
+      rays get the same samples however they are chunked).
+    near, far: the sampling range.
+
+  Returns:
+    (..., K) depths linspace(near, far, K) + jitter * Δ, Δ = (far - near) / (K - 1).
+  """
+  k = jitter.shape[-1]
+  delta = (far - near) / (k - 1)
+  return jnp.linspace(near, far, k, dtype=jitter.dtype) + jitter * delta
+
+
+def smooth_weights(weights: jnp.ndarray) -> jnp.ndarray:
+  """EG3D's blur-pool of coarse weights: max-pool(2, pad 1) → avg-pool(2) → + 0.01.
+
+  Args:
+    weights: (..., M) coarse interval weights.
+
+  Returns:
+    (..., M) smoothed weights: out_i = (max(w_{i-1}, w_i) + max(w_i, w_{i+1})) / 2 + 0.01,
+    where a missing neighbour (the -inf padding of max-pool) drops out of the max.
+  """
+  left = jnp.concatenate([weights[..., :1], weights], axis=-1)  # max(w_{-1}, w_0) = w_0.
+  right = jnp.concatenate([weights, weights[..., -1:]], axis=-1)
+  pooled = jnp.maximum(left, right)  # (..., M + 1): max(w_{i-1}, w_i) for i = 0..M.
+  return 0.5 * (pooled[..., :-1] + pooled[..., 1:]) + 0.01
+
+
+def importance_bins(depths: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The (bins, weights) EG3D feeds to `sample_pdf` from a coarse pass.
+
+  Args:
+    depths: (..., K) sorted coarse depths, K >= 4.
+    weights: (..., K - 1) coarse weights from `raymarch` (trailing unit axis removed).
+
+  Returns:
+    `(bins (..., K - 2), weights (..., K - 3))`: the first K - 2 coarse midpoints and the
+    smoothed weights [1:-1]. EG3D passes all K - 1 midpoints with K - 3 weights; its
+    sampler then only ever reads the first K - 2 midpoints, which is what we pass.
+  """
+  if depths.shape[-1] < 4:
+    raise ValueError(f'importance sampling needs >= 4 coarse samples, got {depths.shape[-1]}.')
+  mids = 0.5 * (depths[..., :-1] + depths[..., 1:])
+  return mids[..., :-1], smooth_weights(weights)[..., 1:-1]
