@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from triplane3d import checkpoint, sharding
 
-LOCAL_BATCH = 2
+LOCAL_BATCH = 4  # × 2 processes: a global batch of 8, one row per device.
 W_SHAPE = (8, 4)
 
 
@@ -36,6 +36,11 @@ def _dataset(process_index: int):
 
 def _data_iter(process_index: int = 0):
   return iter(_dataset(process_index).batch(LOCAL_BATCH).to_iter_dataset())
+
+
+def _batch(p: int, t: int) -> list[int]:
+  """Process p's local batch at step t (0-based)."""
+  return [1000 * p + LOCAL_BATCH * t + i for i in range(LOCAL_BATCH)]
 
 
 def _expected_w(num_steps: int, num_processes: int) -> np.ndarray:
@@ -87,7 +92,10 @@ def _loop_worker():
     checkpoint.Checkpointer(workdir, keep=2, save_every=4) as ckpt,
     checkpoint.PreemptionGuard() as guard,
   ):
-    abstract = sharding.abstract_with_shardings(jax.eval_shape(_init_state, mesh), shs)
+    abstract = {
+      'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=shs['step']),
+      'w': jax.ShapeDtypeStruct(W_SHAPE, jnp.float32, sharding=shs['w']),
+    }
     restored = ckpt.restore_latest(abstract, it)
     step, state = restored if restored else (0, _init_state(mesh))
     start = step
@@ -135,11 +143,11 @@ def test_roundtrip_sharded_state_and_data(devices, tmp_path):
     assert not ckpt.save(3, state, it)  # Not a multiple of save_every.
     assert ckpt.save(3, state, it, force=True)
     assert not ckpt.save(3, state, it, force=True)  # Already saved: a no-op, not an error.
-    assert next(it).tolist() == [6, 7]
+    assert next(it).tolist() == _batch(0, 3)
     assert ckpt.save(4, state, it) and ckpt.save(6, state, it)
     # Read right away, while the save may still be writing: the iterator position was
-    # captured inside save(), so the checkpoint says "next is [8, 9]".
-    assert next(it).tolist() == [8, 9]
+    # captured inside save(), so the checkpoint says "next is batch 4".
+    assert next(it).tolist() == _batch(0, 4)
     ckpt.wait()
     assert ckpt.all_steps() == [4, 6]  # keep=2
 
@@ -149,7 +157,7 @@ def test_roundtrip_sharded_state_and_data(devices, tmp_path):
   assert step == 6
   assert restored['w'].sharding.is_equivalent_to(shs['w'], 2)
   np.testing.assert_array_equal(restored['w'], np.full(W_SHAPE, 7.0))
-  assert next(it2).tolist() == [8, 9]
+  assert next(it2).tolist() == _batch(0, 4)
 
 
 def test_half_written_checkpoint_is_never_latest(devices, tmp_path):
@@ -214,15 +222,15 @@ def test_two_processes_agree_on_preemption_and_resume(tmp_path):
   first = mp.run_processes(me, args=(tmp_path, 10, '1:3', 'none'), timeout=120)
   assert [r[0]['stop'] for r in first] == [3, 3]
   assert [r[0]['steps'] for r in first] == [[3], [3]]
-  assert first[1][0]['batches'] == [[1000, 1001], [1002, 1003], [1004, 1005]]
+  assert first[1][0]['batches'] == [_batch(1, t) for t in range(3)]
   np.testing.assert_array_equal(first[0][0]['w_full'], _expected_w(3, 2))
 
   second = mp.run_processes(me, args=(tmp_path, 5, 'none', 'none'), timeout=120)
   for p, (r,) in enumerate(second):
     assert r['start'] == 3 and r['stop'] == 5
-    assert r['batches'] == [[1000 * p + 6, 1000 * p + 7], [1000 * p + 8, 1000 * p + 9]]
+    assert r['batches'] == [_batch(p, 3), _batch(p, 4)]
     np.testing.assert_array_equal(r['w_full'], _expected_w(5, 2))
-  assert second[0][0]['steps'] == [3, 5]
+  assert second[0][0]['steps'] == [4, 5]  # save_every=4, keep=2
 
 
 def test_sigterm_from_outside_saves_and_resumes(tmp_path):
@@ -243,6 +251,6 @@ def test_sigterm_from_outside_saves_and_resumes(tmp_path):
 
   ((r2,),) = mp.run_processes(me, num_processes=1, args=(tmp_path, stop + 2, 'none', 'none'))
   assert r2['start'] == stop
-  assert r2['batches'] == [[2 * stop, 2 * stop + 1], [2 * stop + 2, 2 * stop + 3]]
+  assert r2['batches'] == [_batch(0, stop), _batch(0, stop + 1)]
   np.testing.assert_array_equal(r2['w_full'], _expected_w(stop + 2, 1))
   assert r2['steps'][-1] == stop + 2
