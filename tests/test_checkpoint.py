@@ -161,7 +161,7 @@ def test_roundtrip_sharded_state_and_data(devices, tmp_path):
 
 
 def test_half_written_checkpoint_is_never_latest(devices, tmp_path):
-  state = {'w': jnp.arange(4.0)}
+  state = {'w': jnp.arange(4.0), 'rng': jax.random.key(3)}  # Typed keys round-trip too.
   with checkpoint.Checkpointer(tmp_path, save_every=1) as ckpt:
     ckpt.save(5, state)
   # What a crash mid-save leaves: orbax writes here and renames only when complete.
@@ -173,6 +173,9 @@ def test_half_written_checkpoint_is_never_latest(devices, tmp_path):
     step, restored = ckpt.restore_latest(jax.eval_shape(lambda: state))
   assert step == 5
   np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  np.testing.assert_array_equal(
+    jax.random.key_data(restored['rng']), jax.random.key_data(state['rng'])
+  )
 
 
 def test_mismatched_tree_is_a_clear_error(devices, tmp_path):

@@ -195,6 +195,10 @@ def _key_str(k: Any) -> str:
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = getattr(leaf, 'dtype', None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+      # Typed PRNG keys are stored as their raw key data (e.g. shape (2,) for threefry).
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
     out['/'.join(_key_str(k) for k in path)] = tuple(np.shape(leaf))
   return out
 
