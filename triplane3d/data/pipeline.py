@@ -1,0 +1,156 @@
+"""The grain input pipeline: joined image + depth records → augmented per-host batches.
+
+  source (ImageDepthSource, optionally a fixed random Subset)
+    → shuffle(seed), reshuffled every epoch → repeat forever
+    → DecodeAugment (random_map: crop/flip drawn from the *global* index, so augmentation does
+      not depend on the number of hosts) → this host's share [process_index::process_count]
+    → batch(global_batch // process_count) → worker processes (mp_prefetch)
+
+Shuffling before sharding means each epoch every host sees a different 1/process_count of the
+data, and together the hosts see each example exactly once per epoch. The returned iterator is
+a grain `DatasetIterator`: its `get_state()` / `set_state()` round-trip through
+`grain.checkpoint.CheckpointSave/CheckpointRestore` (orbax), and a restored iterator continues
+with the very next batch. `to_global` turns a host's numpy batch into globally sharded
+`jax.Array`s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from triplane3d.data import sources, synthetic, transforms
+from triplane3d.render.camera import Camera
+
+
+def _resolve(config) -> tuple[str, str, str, str]:
+  """(data_dir, image dataset name, depth dataset name, split); generates synthetic data."""
+  d = config.data
+  if d.source == 'tfds':
+    return d.data_dir, d.name, d.depth_name, d.split
+  if d.source != 'synthetic':
+    raise ValueError(f"unknown data.source {d.source!r}: 'tfds' or 'synthetic'.")
+  data_dir = d.data_dir or (os.path.join(config.workdir, 'data') if config.workdir else '')
+  if not data_dir:
+    raise ValueError("data.source='synthetic' needs data.data_dir (or workdir) to write into.")
+  if d.num_synthetic <= 0:
+    raise ValueError("data.source='synthetic' needs data.num_synthetic > 0.")
+  synthetic.ensure_dataset(
+    data_dir,
+    num_examples=d.num_synthetic,
+    seed=config.seed,
+    camera=Camera.from_config(config.camera),
+    resolution=synthetic.default_resolution(config.render.resolution, config.model.img_size),
+  )
+  return data_dir, synthetic.NAME, synthetic.DEPTH_NAME, 'train'
+
+
+def _source(config):
+  data_dir, name, depth_name, split = _resolve(config)
+  src = sources.ImageDepthSource(data_dir, name, depth_name, split)
+  src.check_alignment()
+  if config.data.subset_size > 0:
+    src = sources.Subset(src, config.data.subset_size, seed=config.seed)
+  return src
+
+
+def num_examples(config) -> int:
+  """Examples per epoch (the subset size when training on a subset); global, all hosts."""
+  return len(_source(config))
+
+
+def steps_per_epoch(config) -> int:
+  """Optimizer steps in one epoch at the global batch size (partial batches dropped)."""
+  return num_examples(config) // config.train.batch_size
+
+
+def augmentation(config) -> transforms.DecodeAugment:
+  """The per-example transform `create` uses, built from `config`."""
+  camera = Camera.from_config(config.camera)
+  return transforms.DecodeAugment(
+    img_size=config.model.img_size,
+    resolution=config.render.resolution,
+    crop_scale=tuple(config.data.crop_scale),
+    crop_ratio=tuple(config.data.crop_ratio),
+    flip=config.data.flip,
+    near=camera.near,
+    far=camera.far,
+    depth_rule=config.depth.normalize,
+    lo_percentile=config.depth.lo_percentile,
+    hi_percentile=config.depth.hi_percentile,
+    is_disparity=config.depth.is_disparity,
+    max_bad_fraction=config.data.max_bad_fraction,
+  )
+
+
+def create(config, *, process_index=None, process_count=None, seed=None):
+  """An endless, checkpointable iterator over this host's training batches.
+
+  Data sources (`config.data`):
+    source='tfds': images from the TFDS ArrayRecord dataset `data.name` (e.g. imagenet2012,
+      or one made by `import_folder`), depth from `data.depth_name` (made by
+      `precompute_depth`), both under `data.data_dir` ('' = the TFDS default), split
+      `data.split`.
+    source='synthetic': `data.num_synthetic` scenes (seed `config.seed`) are generated on first
+      use into `data.data_dir` (empty: `<workdir>/data`) as the datasets `synthetic_scenes` and
+      `synthetic_scenes_depth`, split 'train', in the same formats (`synthetic.ensure_dataset`;
+      idempotent); `data.name`, `data.depth_name` and `data.split` are ignored. The stored
+      depth is exact scene depth, so `depth.normalize='none'` keeps the true geometry.
+
+  Args:
+    config: the experiment config (`data`, `depth`, `camera`, `model.img_size`,
+      `render.resolution`, `train.batch_size`, `seed`).
+    process_index, process_count: this host's share (default: jax.process_index/count()).
+    seed: shuffling / augmentation seed (default: `config.seed`).
+
+  Returns:
+    A grain DatasetIterator; `next()` gives a dict of numpy arrays with b =
+    train.batch_size // process_count:
+      'image' (b, S, S, 3) float32, ImageNet-normalised, S = model.img_size;
+      'rgb'   (b, R, R, 3) float32 in [0, 1], R = render.resolution;
+      'depth' (b, R, R, 1) float32 in [camera.near, camera.far];
+      'label' (b,) int32.
+    It has get_state() / set_state() for checkpointing and never ends (epochs repeat; see
+    `num_examples` / `steps_per_epoch` for epoch accounting).
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  seed = config.seed if seed is None else seed
+  if config.train.batch_size % pc:
+    raise ValueError(f'train.batch_size {config.train.batch_size} is not divisible by {pc} hosts.')
+  ds = grain.MapDataset.source(_source(config))
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.random_map(augmentation(config), seed=seed + 1)
+  ds = ds[pi::pc]
+  workers = config.data.num_workers
+  # Threads decode in parallel even in-process: PIL releases the GIL while decoding/resizing.
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=2 if workers else 4, prefetch_buffer_size=16)
+  )
+  ds = ds.batch(config.train.batch_size // pc, drop_remainder=True)
+  if workers > 0:
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=config.data.prefetch)
+    )
+  return iter(ds)
+
+
+def to_global(batch: dict, mesh: jax.sharding.Mesh, batch_axes=('data', 'fsdp')) -> dict:
+  """Assembles every host's numpy batch into global jax.Arrays, batch dim over `batch_axes`.
+
+  Args:
+    batch: this host's batch, arrays of shape (b, ...) with b = global batch / process_count.
+    mesh: the device mesh; axes of `batch_axes` missing from it are ignored.
+
+  Returns:
+    The same keys, as jax.Arrays of shape (b * process_count, ...), sharded on dim 0.
+  """
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  sharding = NamedSharding(mesh, PartitionSpec(axes or None))
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

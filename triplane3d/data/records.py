@@ -1,0 +1,150 @@
+"""Writing and opening TFDS ArrayRecord datasets without TensorFlow, shard by shard, in order.
+
+Every dataset this package writes (folder imports, synthetic scenes, precomputed depth) goes
+through here, so they all share one layout, `DATA_DIR/NAME/1.0.0/NAME-SPLIT.array_record-0000i
+-of-0000n` plus `features.json` / `dataset_info.json`, and open with `tfds.data_source(NAME,
+data_dir=DATA_DIR)` like any TFDS dataset. Records keep the order they were generated in (no
+TFDS shuffling): a depth dataset is aligned with its image dataset record by record.
+
+Shards are written to a temporary name and renamed when complete, so an interrupted job leaves
+only whole shards and a restart can skip them (`shard_done`). The metadata is written last
+(`finalize`); a dataset without it is not readable, hence never half-read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+VERSION = '1.0.0'
+
+
+def dataset_dir(data_dir: str, name: str) -> str:
+  """The directory holding a dataset's files and metadata."""
+  return os.path.join(data_dir, name, VERSION)
+
+
+def _template(data_dir: str, name: str, split: str) -> tfds.core.ShardedFileTemplate:
+  return tfds.core.ShardedFileTemplate(
+    data_dir=dataset_dir(data_dir, name),
+    dataset_name=name,
+    split=split,
+    filetype_suffix='array_record',
+  )
+
+
+def shard_path(data_dir: str, name: str, split: str, shard: int, num_shards: int) -> str:
+  return os.fspath(
+    _template(data_dir, name, split).sharded_filepath(shard_index=shard, num_shards=num_shards)
+  )
+
+
+def shard_done(data_dir: str, name: str, split: str, shard: int, num_shards: int) -> bool:
+  return os.path.exists(shard_path(data_dir, name, split, shard, num_shards))
+
+
+def is_prepared(data_dir: str, name: str) -> bool:
+  """Whether a dataset's metadata exists (it is written only once every shard is complete)."""
+  return os.path.exists(os.path.join(dataset_dir(data_dir, name), 'dataset_info.json'))
+
+
+def write_shard(
+  data_dir: str,
+  name: str,
+  split: str,
+  features: tfds.features.FeaturesDict,
+  examples: Iterable[Mapping],
+  shard: int,
+  num_shards: int,
+) -> int:
+  """Serialises `examples` into one shard file, atomically. Returns the number of records."""
+  path = shard_path(data_dir, name, split, shard, num_shards)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  # group_size:1 makes random access read one record, not a group of 65536 (grain's advice).
+  writer = ArrayRecordWriter(tmp, 'group_size:1')
+  count = 0
+  try:
+    for example in examples:
+      writer.write(features.serialize_example(example))
+      count += 1
+  finally:
+    writer.close()
+  os.replace(tmp, path)
+  return count
+
+
+def finalize(
+  data_dir: str,
+  name: str,
+  features: tfds.features.FeaturesDict,
+  num_shards: Mapping[str, int],
+  description: str = '',
+) -> None:
+  """Writes the TFDS metadata once all shards of every split exist.
+
+  Args:
+    num_shards: split name → number of shards written for it.
+  """
+  split_infos = []
+  for split, n in num_shards.items():
+    lengths = []
+    for shard in range(n):
+      path = shard_path(data_dir, name, split, shard, n)
+      if not os.path.exists(path):
+        raise FileNotFoundError(f'{name}/{split}: shard {shard} of {n} is missing ({path}).')
+      reader = ArrayRecordReader(path)
+      lengths.append(reader.num_records())
+      reader.close()
+    split_infos.append(
+      tfds.core.SplitInfo(
+        name=split,
+        shard_lengths=lengths,
+        num_bytes=sum(os.path.getsize(shard_path(data_dir, name, split, i, n)) for i in range(n)),
+        filename_template=_template(data_dir, name, split),
+      )
+    )
+  # check_data=False: the check reads the data back through tf.data (TensorFlow).
+  tfds.folder_dataset.write_metadata(
+    data_dir=dataset_dir(data_dir, name),
+    features=features,
+    split_infos=split_infos,
+    check_data=False,
+    description=description,
+  )
+
+
+def write_dataset(
+  data_dir: str,
+  name: str,
+  features: tfds.features.FeaturesDict,
+  splits: Mapping[str, Sequence[Iterable[Mapping]]],
+  description: str = '',
+) -> None:
+  """Writes a whole dataset: `splits[split]` is a sequence of shards, each an example iterable."""
+  for split, shards in splits.items():
+    for i, shard in enumerate(shards):
+      write_shard(data_dir, name, split, features, shard, i, len(shards))
+  finalize(data_dir, name, features, {s: len(v) for s, v in splits.items()}, description)
+
+
+def open_split(data_dir: str, name: str, split: str, raw_images: bool = True):
+  """A random-access TFDS data source over one split (records as dicts of numpy / bytes).
+
+  Args:
+    data_dir: TFDS data dir ('' for the TFDS default).
+    raw_images: leave image features as encoded bytes, so decoding happens in the grain
+      workers (and a corrupt image can be skipped there instead of failing the read).
+  """
+  builder = tfds.builder(name, data_dir=data_dir or None)
+  decoders = None
+  if raw_images:
+    decoders = {
+      k: tfds.decode.SkipDecoding()
+      for k, f in builder.info.features.items()
+      if isinstance(f, tfds.features.Image)
+    }
+  return builder.as_data_source(split, decoders=decoders or None)

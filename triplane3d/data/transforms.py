@@ -1,0 +1,198 @@
+"""Joint image + depth augmentation: one random resized crop and flip for both.
+
+`DecodeAugment` turns a joined record (`sources.ImageDepthSource`) into the training example:
+
+  image  (S, S, 3) float32  backbone input, ImageNet-normalised (S = config.model.img_size)
+  rgb    (R, R, 3) float32  reconstruction target in [0, 1] (R = config.render.resolution)
+  depth  (R, R, 1) float32  target depth, mapped into [camera.near, camera.far] (`map_depth`)
+  label  ()        int32
+
+The crop box is drawn once in the image's pixel coordinates and applied to the depth map in
+normalised coordinates (depth may be stored at a lower resolution), so all three outputs show
+the same region. Both are resized straight from the source with PIL's antialiased bilinear
+filter (crop and resize in one step, sub-pixel box), then flipped together.
+
+A record whose image or depth cannot be decoded is skipped (the transform returns None, which
+grain treats as filtered out), logged with its key and counted; if the skipped fraction grows
+past `max_bad_fraction`, `TooManyCorruptImagesError` stops the run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import grain
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from triplane3d.data import depth_format
+
+IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
+
+
+class TooManyCorruptImagesError(RuntimeError):
+  pass
+
+
+# Per process (each grain worker counts its own share): records seen / skipped.
+_COUNTS = {'seen': 0, 'skipped': 0}
+
+
+def corrupt_counts() -> dict:
+  """{'seen', 'skipped'} record counts of this process (in the workers with num_workers > 0)."""
+  return dict(_COUNTS)
+
+
+def reset_corrupt_counts() -> None:
+  _COUNTS.update(seen=0, skipped=0)
+
+
+def random_resized_crop_box(
+  rng: np.random.Generator,
+  height: int,
+  width: int,
+  scale: tuple[float, float],
+  ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
+  """torchvision's RandomResizedCrop box: (left, top, right, bottom) in pixels."""
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target = area * rng.uniform(scale[0], scale[1])
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = round(math.sqrt(target * aspect))
+    h = round(math.sqrt(target / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return left, top, left + w, top + h
+  # Fallback: a centre crop with the aspect ratio clamped into range.
+  in_ratio = width / height
+  if in_ratio < ratio[0]:
+    w, h = width, round(width / ratio[0])
+  elif in_ratio > ratio[1]:
+    w, h = round(height * ratio[1]), height
+  else:
+    w, h = width, height
+  top, left = (height - h) // 2, (width - w) // 2
+  return left, top, left + w, top + h
+
+
+def map_depth(
+  depth: np.ndarray,
+  near: float,
+  far: float,
+  rule: str = 'percentile',
+  lo_percentile: float = 2.0,
+  hi_percentile: float = 98.0,
+  is_disparity: bool = False,
+) -> np.ndarray:
+  """Maps a raw depth map (any shape) into [near, far] by one of the `config.depth` rules.
+
+  'percentile' / 'minmax': a per-image affine map sending the lo/hi percentile (min/max) to
+  near/far, then clipped; a constant map goes to the middle of the range. Disparity maps are
+  negated first (an affine map cannot invert, and relative disparity has no usable offset).
+  'none': the depth is already metric in the scene's range; it is only clipped.
+  """
+  d = np.asarray(depth, np.float32)
+  if rule == 'none':
+    if is_disparity:
+      raise ValueError("depth.normalize='none' needs metric depth, not disparity.")
+    return np.clip(d, near, far)
+  if is_disparity:
+    d = -d
+  if rule == 'percentile':
+    lo, hi = np.percentile(d, [lo_percentile, hi_percentile])
+  elif rule == 'minmax':
+    lo, hi = d.min(), d.max()
+  else:
+    raise ValueError(f"unknown depth.normalize {rule!r}: 'percentile', 'minmax' or 'none'.")
+  if not hi - lo > 1e-12 * max(1.0, abs(hi)):
+    return np.full_like(d, 0.5 * (near + far))
+  return np.clip(near + (d - lo) * ((far - near) / (hi - lo)), near, far).astype(np.float32)
+
+
+def _resize(img: Image.Image, size: int, box) -> np.ndarray:
+  return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR, box=box))
+
+
+class DecodeAugment(grain.transforms.RandomMap):
+  """Decode + joint random resized crop / flip + targets. Module level: picklable for workers.
+
+  Args:
+    img_size: S, the backbone input side.
+    resolution: R, the rendered (target) side.
+    crop_scale, crop_ratio: RandomResizedCrop ranges; flip: random horizontal flip.
+    near, far: the camera's depth range (from `Camera`).
+    depth_rule, lo_percentile, hi_percentile, is_disparity: `map_depth` arguments.
+    max_bad_fraction: stop when more than this fraction of records fails to decode.
+  """
+
+  def __init__(
+    self,
+    *,
+    img_size: int,
+    resolution: int,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip: bool = True,
+    near: float = 1.5,
+    far: float = 2.5,
+    depth_rule: str = 'percentile',
+    lo_percentile: float = 2.0,
+    hi_percentile: float = 98.0,
+    is_disparity: bool = False,
+    max_bad_fraction: float = 0.001,
+  ):
+    self.img_size, self.resolution = int(img_size), int(resolution)
+    self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+    self.flip, self.near, self.far = flip, float(near), float(far)
+    self.depth_args = dict(
+      rule=depth_rule,
+      lo_percentile=lo_percentile,
+      hi_percentile=hi_percentile,
+      is_disparity=is_disparity,
+    )
+    self.max_bad_fraction = float(max_bad_fraction)
+    map_depth(np.zeros(1), self.near, self.far, **self.depth_args)  # Validate the rule now.
+
+  def _skip(self, key: str, err: Exception) -> None:
+    _COUNTS['skipped'] += 1
+    logging.warning('skipping corrupt record %r (%s: %s)', key, type(err).__name__, err)
+    # At least 1 / fraction records before judging, so one early failure is not fatal.
+    budget = self.max_bad_fraction * max(_COUNTS['seen'], 1.0 / max(self.max_bad_fraction, 1e-9))
+    if _COUNTS['skipped'] > budget:
+      raise TooManyCorruptImagesError(
+        f'{_COUNTS["skipped"]} of {_COUNTS["seen"]} records failed to decode in this process '
+        f'(max_bad_fraction={self.max_bad_fraction}); last: {key!r}: {err}'
+      ) from err
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict | None:
+    _COUNTS['seen'] += 1
+    try:
+      img = Image.open(io.BytesIO(element['image']))
+      img = img.convert('RGB')  # Also forces the full decode: truncated files fail here.
+      depth = depth_format.decode(element['depth'], element['depth_range'])
+    except Exception as err:  # Any decoder failure means a corrupt record.
+      self._skip(element['key'], err)
+      return None
+    w, h = img.size
+    left, top, right, bottom = random_resized_crop_box(rng, h, w, self.crop_scale, self.crop_ratio)
+    sx, sy = depth.shape[1] / w, depth.shape[0] / h
+    depth_box = (left * sx, top * sy, right * sx, bottom * sy)
+    box = (left, top, right, bottom)
+    image = _resize(img, self.img_size, box)
+    rgb = image if self.resolution == self.img_size else _resize(img, self.resolution, box)
+    d = _resize(Image.fromarray(depth), self.resolution, depth_box)  # float32 → mode 'F'.
+    if self.flip and rng.random() < 0.5:
+      image, rgb, d = image[:, ::-1], rgb[:, ::-1], d[:, ::-1]
+    image = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return {
+      'image': image,
+      'rgb': rgb.astype(np.float32) / 255.0,
+      'depth': map_depth(d, self.near, self.far, **self.depth_args)[..., None],
+      'label': np.int32(element['label']),
+    }
