@@ -184,3 +184,19 @@ def test_shard_like_and_abstract_with_shardings(devices):
   ab = sharding.abstract_with_shardings(placed, shs)
   assert ab['w'].shape == (8, 4) and ab['w'].sharding == shs['w']
   assert ab['b'].dtype == np.float32 and ab['b'].sharding == shs['b']
+
+
+def test_state_shardings_matches_path_suffixes_and_checks_fit(devices):
+  mesh = sharding.make_mesh(_cfg(4, 2))
+  fsdp = NamedSharding(mesh, P(None, 'fsdp'))
+  param_sh = {'enc': {'kernel': fsdp}}
+  f32 = jnp.float32
+  state = {
+    'params': {'enc': {'kernel': jax.ShapeDtypeStruct((3, 8), f32)}},
+    'opt': {'mu': {'enc': {'kernel': jax.ShapeDtypeStruct((3, 8), f32)}}},
+    'stats': {'enc': {'kernel': jax.ShapeDtypeStruct((3, 5), f32)}},  # Does not divide.
+    'kernel': jax.ShapeDtypeStruct((3, 8), f32),  # Only a partial path: no match.
+  }
+  got = sharding.state_shardings(state, param_sh, mesh)
+  assert got['params']['enc']['kernel'] == fsdp and got['opt']['mu']['enc']['kernel'] == fsdp
+  assert got['stats']['enc']['kernel'].spec == P() and got['kernel'].spec == P()

@@ -219,8 +219,10 @@ def state_shardings(abstract_state: Any, param_shardings: Any, mesh: Mesh) -> An
 
   optax states mirror the params: Adam's `mu` and `nu` are trees with the params' own paths
   under a prefix (`opt_state[0].mu['Dense_0']['kernel']`). So a state leaf gets the sharding
-  of the param whose full path is a suffix of the leaf's path *and* whose shape matches;
-  other leaves (step counters, rng keys, Adam's `count`) are replicated. This is exact and
+  of the param whose full path is a suffix of the leaf's path, provided that sharding fits
+  the leaf (rank, divisibility: a factored statistic such as Adafactor's `v_row` may be
+  smaller than its param); other leaves (step counters, rng keys, Adam's `count`, misfits)
+  are replicated. This is exact and
   deterministic, unlike letting the compiler guess shardings for `opt.init`'s outputs.
 
   `param_shardings` must have the structure of the tree given to `opt.init` (usually the
