@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 
 # (first, second) world-axis index of each plane's (width, height) coordinate.
@@ -48,9 +49,12 @@ def plane_coords(
   return jnp.stack([unit[..., list(ax)] for ax in PLANE_AXES[plane_axes]], axis=-2)
 
 
-def _bilinear(plane_hwc: jnp.ndarray, grid_n2: jnp.ndarray) -> jnp.ndarray:
-  """`grid_sample(bilinear, zeros, align_corners=False)` of one (H, W, C) plane at (N, 2)."""
-  h, w, c = plane_hwc.shape
+def _corners(grid_n2: jnp.ndarray, h: int, w: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The 4 bilinear taps of `grid_sample(zeros, align_corners=False)` on an (h, w) grid.
+
+  Returns `(index (n, 4) int32 into the row-major h·w texels, weight (n, 4))`; taps outside
+  the grid get weight 0 (zeros padding) and a clipped, valid index.
+  """
   # align_corners=False: -1 and +1 are the outer edges of the border texels.
   x = ((grid_n2[:, 0] + 1.0) * w - 1.0) / 2.0
   y = ((grid_n2[:, 1] + 1.0) * h - 1.0) / 2.0
@@ -60,19 +64,75 @@ def _bilinear(plane_hwc: jnp.ndarray, grid_n2: jnp.ndarray) -> jnp.ndarray:
   fy = y - y0
   x0 = x0.astype(jnp.int32)
   y0 = y0.astype(jnp.int32)
-  flat = plane_hwc.reshape(h * w, c)
-  out = jnp.zeros((grid_n2.shape[0], c), plane_hwc.dtype)
-  # One corner at a time: each gather (and its scatter-add in the backward pass) is (N, C),
-  # never (N, 4, C).
+  index, weight = [], []
   for dy, wy in ((0, 1.0 - fy), (1, fy)):
     for dx, wx in ((0, 1.0 - fx), (1, fx)):
       xi = x0 + dx
       yi = y0 + dy
-      valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)  # Zeros padding.
-      idx = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-      weight = jnp.where(valid, wx * wy, 0.0).astype(plane_hwc.dtype)
-      out = out + weight[:, None] * jnp.take(flat, idx, axis=0)
+      valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+      index.append(jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1))
+      weight.append(jnp.where(valid, wx * wy, 0.0))
+  return jnp.stack(index, axis=-1), jnp.stack(weight, axis=-1)
+
+
+def _bilinear(plane_hwc: jnp.ndarray, grid_n2: jnp.ndarray) -> jnp.ndarray:
+  """`grid_sample(bilinear, zeros, align_corners=False)` of one (H, W, C) plane at (N, 2)."""
+  h, w, c = plane_hwc.shape
+  index, weight = _corners(grid_n2, h, w)
+  flat = plane_hwc.reshape(h * w, c)
+  out = jnp.zeros((grid_n2.shape[0], c), plane_hwc.dtype)
+  for j in range(4):
+    out = out + weight[:, j, None].astype(out.dtype) * jnp.take(flat, index[:, j], axis=0)
   return out
+
+
+def _all_taps(planes_shape, coords_np2):
+  """The 12 taps (4 per plane) into the flattened (3·H·W, C) planes: (n, 12) each."""
+  _, h, w, _ = planes_shape
+  taps = [_corners(coords_np2[:, p], h, w) for p in range(3)]
+  index = jnp.concatenate([t[0] + p * h * w for p, t in enumerate(taps)], axis=-1)
+  return index, jnp.concatenate([t[1] for t in taps], axis=-1)
+
+
+@jax.custom_vjp
+def _mean_lookup(planes: jnp.ndarray, coords_np2: jnp.ndarray) -> jnp.ndarray:
+  """Mean over planes of `_bilinear`: (3, H, W, C), (n, 3, 2) → (n, C)."""
+  _, h, w, c = planes.shape
+  index, weight = _all_taps(planes.shape, coords_np2)
+  flat = planes.reshape(3 * h * w, c)
+  weight = (weight / 3.0).astype(planes.dtype)
+
+  def add_tap(j, out):
+    tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
+    wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
+    return out + wj[:, None] * jnp.take(flat, tap, axis=0)
+
+  return jax.lax.fori_loop(0, 12, add_tap, jnp.zeros((coords_np2.shape[0], c), planes.dtype))
+
+
+def _mean_lookup_fwd(planes, coords_np2):
+  return _mean_lookup(planes, coords_np2), (coords_np2, jnp.zeros((0,), planes.dtype), planes.shape)
+
+
+def _mean_lookup_bwd(res, g_nc):
+  # Autodiff of 12 gathers transposes into 12 (n, C) update tensors and 12 plane-sized
+  # scatters, all live at once. Here: one accumulator, one tap's update at a time.
+  coords_np2, proto, shape = res
+  _, h, w, c = shape
+  index, weight = _all_taps(shape, coords_np2)
+  weight = (weight / 3.0).astype(g_nc.dtype)
+
+  def add_tap(j, grad):
+    tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
+    wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
+    return grad.at[tap].add(wj[:, None] * g_nc)
+
+  grad = jax.lax.fori_loop(0, 12, add_tap, jnp.zeros((3 * h * w, c), proto.dtype))
+  # No gradient w.r.t. the point positions: the renderer's sample positions carry none.
+  return grad.reshape(shape), jnp.zeros_like(coords_np2)
+
+
+_mean_lookup.defvjp(_mean_lookup_fwd, _mean_lookup_bwd)
 
 
 def sample_planes(
@@ -111,10 +171,11 @@ def sample_planes_mean(
 
   Returns:
     (..., C) the average of the three plane features of each point.
+
+  Differentiable w.r.t. `planes` only (the gradient w.r.t. `points` is zero: the renderer's
+  sample positions carry no gradient); its backward pass scatter-adds one tap at a time
+  into a single plane-sized accumulator, which keeps the 2M-point lookup memory-lean.
   """
   batch_shape = points.shape[:-1]
   coords_np2 = plane_coords(points, box_size, plane_axes, box_center).reshape(-1, 3, 2)
-  total = _bilinear(planes[0], coords_np2[:, 0])
-  for p in (1, 2):
-    total = total + _bilinear(planes[p], coords_np2[:, p])
-  return (total / 3.0).reshape(*batch_shape, planes.shape[-1])
+  return _mean_lookup(planes, coords_np2).reshape(*batch_shape, planes.shape[-1])
