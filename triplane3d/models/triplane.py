@@ -13,11 +13,14 @@ function it applies, and exactly what the renderer takes as `decode_fn` with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from triplane3d.models.layers import conv, dense, layer_norm
 
 Dtype = Any
 _part = nn.with_logical_partitioning
@@ -75,3 +78,102 @@ class PointMLP(nn.Module):
       'out': _LinearParams(4, ('mlp', None), name='out')(self.hidden),
     }
     return point_mlp(params, feats_nc, self.dtype)
+
+
+class CrossAttentionBlock(nn.Module):
+  """Pre-norm block: x += MHA(LN(x), LN(h)); x += MLP(LN(x)). x (B, Q, D), h (B, N, E)."""
+
+  num_heads: int
+  mlp_ratio: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, h):
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}.')
+    head = (self.num_heads, d // self.num_heads)
+    q_in = layer_norm('norm_q', self.dtype)(x)
+    kv_in = layer_norm('norm_kv', self.dtype)(h)
+    q = dense(head, 'embed', ('heads', 'kv'), 'query', self.dtype)(q_in)
+    k = dense(head, 'embed', ('heads', 'kv'), 'key', self.dtype)(kv_in)
+    v = dense(head, 'embed', ('heads', 'kv'), 'value', self.dtype)(kv_in)
+    attn = nn.dot_product_attention(q, k, v, dtype=self.dtype)
+    x = x + dense(d, ('heads', 'kv'), ('embed',), 'out', self.dtype, axis=(-2, -1))(attn)
+    y = layer_norm('norm_mlp', self.dtype)(x)
+    y = dense(self.mlp_ratio * d, 'embed', ('mlp',), 'fc1', self.dtype)(y)
+    y = nn.gelu(y, approximate=False)
+    return x + dense(d, 'mlp', ('embed',), 'fc2', self.dtype)(y)
+
+
+class UpsampleBlock(nn.Module):
+  """Bilinear ×2 → 3×3 conv → GELU. (N, H, W, Cin) → (N, 2H, 2W, features)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'bilinear')
+    return nn.gelu(conv(self.features, 3, 'conv', self.dtype)(x), approximate=False)
+
+
+class TriplaneDecoder(nn.Module):
+  """h (B, 1 + N, E) → triplanes (B, 3, L·2^U, L·2^U, C), float32.
+
+  Attributes:
+    width: D_dec, the width of the (3·L², D_dec) learnable plane embeddings.
+    num_heads, num_layers: the cross-attention blocks (queries: embeddings; keys/values: h).
+    low_res: L, the embeddings' (and low-resolution planes') side.
+    up_channels: one upsampling block per entry (U of them); the three planes share weights.
+    plane_channels: C, the final 1×1 projection (no activation: features may be negative).
+    dtype: computation dtype (parameters stay float32).
+  """
+
+  width: int = 512
+  num_heads: int = 8
+  num_layers: int = 1
+  low_res: int = 16
+  up_channels: Sequence[int] = (256, 128, 64)
+  plane_channels: int = 32
+  dtype: Dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, decoder_cfg) -> TriplaneDecoder:
+    """From the `decoder` config section."""
+    return cls(
+      width=int(decoder_cfg.width),
+      num_heads=int(decoder_cfg.num_heads),
+      num_layers=int(decoder_cfg.num_layers),
+      low_res=int(decoder_cfg.low_res),
+      up_channels=tuple(int(c) for c in decoder_cfg.up_channels),
+      plane_channels=int(decoder_cfg.plane_channels),
+      dtype=jnp.dtype(decoder_cfg.dtype),
+    )
+
+  @property
+  def plane_resolution(self) -> int:
+    return self.low_res * 2 ** len(self.up_channels)
+
+  @nn.compact
+  def __call__(self, h_bne):
+    b = h_bne.shape[0]
+    l = self.low_res
+    embeddings = self.param(
+      'embeddings',
+      _part(nn.initializers.normal(0.02), ('tokens', 'embed')),
+      (3 * l * l, self.width),
+    )
+    x = jnp.broadcast_to(embeddings.astype(self.dtype), (b, *embeddings.shape))
+    h_bne = h_bne.astype(self.dtype)
+    for i in range(self.num_layers):
+      x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne)
+    x = layer_norm('norm', self.dtype)(x)
+    # Planes fold into the batch: each is upsampled on its own, with shared weights.
+    x = x.reshape(b * 3, l, l, self.width)
+    for i, ch in enumerate(self.up_channels):
+      x = UpsampleBlock(ch, self.dtype, name=f'up{i}')(x)
+    x = conv(self.plane_channels, 1, 'to_planes', self.dtype)(x)
+    r = self.plane_resolution
+    return x.reshape(b, 3, r, r, self.plane_channels).astype(jnp.float32)
