@@ -14,6 +14,7 @@ only whole shards and a restart can skip them (`shard_done`). The metadata is wr
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import tensorflow_datasets as tfds
@@ -77,25 +78,42 @@ def write_shard(
   return count
 
 
-def finalize(
-  data_dir: str,
-  name: str,
-  features: tfds.features.FeaturesDict,
-  num_shards: Mapping[str, int],
-  description: str = '',
-) -> None:
-  """Writes the TFDS metadata once all shards of every split exist.
+def _split_shards(data_dir: str, name: str) -> dict[str, int]:
+  """split → number of shards, from the shard files present (temporary files ignored)."""
+  pattern = re.compile(re.escape(name) + r'-(.+)\.array_record-(\d+)-of-(\d+)$')
+  found: dict[str, tuple[int, set]] = {}
+  d = dataset_dir(data_dir, name)
+  for f in os.listdir(d) if os.path.isdir(d) else ():
+    m = pattern.match(f)
+    if m:
+      n, seen = found.setdefault(m.group(1), (int(m.group(3)), set()))
+      if int(m.group(3)) != n:
+        raise ValueError(f'{d}: split {m.group(1)!r} has shards of different totals.')
+      seen.add(int(m.group(2)))
+  for split, (n, seen) in found.items():
+    if len(seen) != n:
+      missing = sorted(set(range(n)) - seen)
+      raise FileNotFoundError(f'{name}/{split}: shards {missing[:10]} of {n} are missing in {d}.')
+  return {split: n for split, (n, _) in found.items()}
 
-  Args:
-    num_shards: split name → number of shards written for it.
+
+def all_shards_done(data_dir: str, name: str, split: str, num_shards: int) -> bool:
+  return all(shard_done(data_dir, name, split, i, num_shards) for i in range(num_shards))
+
+
+def finalize(
+  data_dir: str, name: str, features: tfds.features.FeaturesDict, description: str = ''
+) -> None:
+  """Writes the TFDS metadata for every split whose shard files are all present.
+
+  Splits are discovered from the files, so datasets written split by split (or shard by
+  shard on several machines) get complete metadata from whichever run finishes last.
   """
   split_infos = []
-  for split, n in num_shards.items():
+  for split, n in sorted(_split_shards(data_dir, name).items()):
+    paths = [shard_path(data_dir, name, split, i, n) for i in range(n)]
     lengths = []
-    for shard in range(n):
-      path = shard_path(data_dir, name, split, shard, n)
-      if not os.path.exists(path):
-        raise FileNotFoundError(f'{name}/{split}: shard {shard} of {n} is missing ({path}).')
+    for path in paths:
       reader = ArrayRecordReader(path)
       lengths.append(reader.num_records())
       reader.close()
@@ -103,7 +121,7 @@ def finalize(
       tfds.core.SplitInfo(
         name=split,
         shard_lengths=lengths,
-        num_bytes=sum(os.path.getsize(shard_path(data_dir, name, split, i, n)) for i in range(n)),
+        num_bytes=sum(os.path.getsize(p) for p in paths),
         filename_template=_template(data_dir, name, split),
       )
     )
@@ -128,7 +146,7 @@ def write_dataset(
   for split, shards in splits.items():
     for i, shard in enumerate(shards):
       write_shard(data_dir, name, split, features, shard, i, len(shards))
-  finalize(data_dir, name, features, {s: len(v) for s, v in splits.items()}, description)
+  finalize(data_dir, name, features, description)
 
 
 def open_split(data_dir: str, name: str, split: str, raw_images: bool = True):

@@ -241,8 +241,8 @@ def write(data_dir, num_examples, seed, camera, resolution, *, name=NAME, depth_
       data_dir, depth_name, 'train', depth_f, [p[1] for p in pairs], s, num_shards
     )
   desc = 'Synthetic scenes with exact depth (triplane3d.data.synthetic).'
-  records.finalize(data_dir, name, img_f, {'train': num_shards}, desc)
-  records.finalize(data_dir, depth_name, depth_f, {'train': num_shards}, desc)
+  records.finalize(data_dir, name, img_f, desc)
+  records.finalize(data_dir, depth_name, depth_f, desc)
 
 
 def ensure_dataset(
