@@ -222,13 +222,13 @@ def test_two_processes_agree_on_preemption_and_resume(tmp_path):
   and exit 0; a restart on both restores the sharded state and the data positions, and
   finishes exactly as an uninterrupted run would."""
   me = f'{__file__}:_loop_worker'
-  first = mp.run_processes(me, args=(tmp_path, 10, '1:3', 'none'), timeout=120)
+  first = mp.run_processes(me, args=(tmp_path, 10, '1:3', 'none'), timeout=60)
   assert [r[0]['stop'] for r in first] == [3, 3]
   assert [r[0]['steps'] for r in first] == [[3], [3]]
   assert first[1][0]['batches'] == [_batch(1, t) for t in range(3)]
   np.testing.assert_array_equal(first[0][0]['w_full'], _expected_w(3, 2))
 
-  second = mp.run_processes(me, args=(tmp_path, 5, 'none', 'none'), timeout=120)
+  second = mp.run_processes(me, args=(tmp_path, 5, 'none', 'none'), timeout=60)
   for p, (r,) in enumerate(second):
     assert r['start'] == 3 and r['stop'] == 5
     assert r['batches'] == [_batch(p, 3), _batch(p, 4)]
@@ -241,7 +241,7 @@ def test_sigterm_from_outside_saves_and_resumes(tmp_path):
   from that step with the next batch."""
   ready = tmp_path / 'ready'
   me = f'{__file__}:_loop_worker'
-  job = mp.launch(me, num_processes=1, args=(tmp_path, 2000, 'none', ready), timeout=120)
+  job = mp.launch(me, num_processes=1, args=(tmp_path, 2000, 'none', ready), timeout=60)
   deadline = time.monotonic() + 100
   while not ready.exists():
     assert time.monotonic() < deadline and job.procs[0].poll() is None, job._failure('no start')
