@@ -7,6 +7,7 @@ differs between image and depth shows up as a mismatch.
 """
 
 import io
+import itertools
 
 import numpy as np
 from PIL import Image
@@ -72,10 +73,12 @@ def write(data_dir, n=32, corrupt=(), swap=None, num_shards=2):
     a, b = swap
     deps[a], deps[b] = deps[b], deps[a]
   cut = [k * n // num_shards for k in range(num_shards + 1)]
-  records.write_dataset(data_dir, NAME, feats, {'train': [imgs[a:b] for a, b in zip(cut, cut[1:])]})
+  records.write_dataset(
+    data_dir, NAME, feats, {'train': [imgs[a:b] for a, b in itertools.pairwise(cut)]}
+  )
   dfe = depth_format.features()
   records.write_dataset(
-    data_dir, DEPTH_NAME, dfe, {'train': [deps[a:b] for a, b in zip(cut, cut[1:])]}
+    data_dir, DEPTH_NAME, dfe, {'train': [deps[a:b] for a, b in itertools.pairwise(cut)]}
   )
 
 

@@ -1,11 +1,11 @@
 """The grain pipeline on a tiny position-encoded dataset: shapes, same crop/flip for image and
 depth, host sharding, workers, resume (also through orbax), misalignment and corrupt records."""
 
+import datasets_for_tests as dft
 import numpy as np
 import pytest
 from absl import flags
 
-import datasets_for_tests as dft
 from triplane3d.data import pipeline, sources, transforms
 
 

@@ -13,7 +13,6 @@ the TFDS metadata. Runs on GPU when torch sees one. A tqdm bar shows rate and ET
 
 from __future__ import annotations
 
-import inspect
 import io
 import math
 from collections import defaultdict
@@ -42,8 +41,23 @@ class DepthModel:
     self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     self.processor = AutoImageProcessor.from_pretrained(model)
     self.model = AutoModelForDepthEstimation.from_pretrained(model).to(self.device).eval()
-    params = inspect.signature(self.processor.post_process_depth_estimation).parameters
-    self._source_sizes = 'source_sizes' in params  # ZoeDepth removes its reflect padding.
+    # ZoeDepth reflect-pads its input against border artefacts; the padding is cut off again.
+    self._zoe_pad = self.model.config.model_type == 'zoedepth' and getattr(
+      self.processor, 'do_pad', False
+    )
+
+  def _resize(self, depth_hw, source: tuple[int, int], target: tuple[int, int]) -> np.ndarray:
+    # The processors' own post-processing, done here because transformers 5's PIL-backend
+    # ZoeDepth processor needs torchvision for it (which we must not depend on).
+    f = self.torch.nn.functional
+    d = depth_hw[None, None].float()
+    if self._zoe_pad:
+      ph, pw = int(np.sqrt(source[0] / 2) * 3), int(np.sqrt(source[1] / 2) * 3)
+      size = (source[0] + 2 * ph, source[1] + 2 * pw)
+      d = f.interpolate(d, size=size, mode='bicubic', align_corners=False)
+      d = d[..., ph : ph + source[0], pw : pw + source[1]]
+    d = f.interpolate(d, size=tuple(target), mode='bicubic', align_corners=False)
+    return d[0, 0].cpu().numpy()
 
   def __call__(self, images: list[Image.Image], sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """Depth of each image, resized to `sizes[i]` = (h, w); float32 arrays."""
@@ -57,12 +71,8 @@ class DepthModel:
       pixels = self.torch.cat([inputs[i] for i in idx]).to(self.device)
       with self.torch.inference_mode():
         pred = self.model(pixel_values=pixels)
-      kw = {'target_sizes': [sizes[i] for i in idx]}
-      if self._source_sizes:
-        kw['source_sizes'] = [(images[i].height, images[i].width) for i in idx]
-      post = self.processor.post_process_depth_estimation(pred, **kw)
-      for i, p in zip(idx, post):
-        out[i] = p['predicted_depth'].float().cpu().numpy()
+      for i, d in zip(idx, pred.predicted_depth):
+        out[i] = self._resize(d, (images[i].height, images[i].width), sizes[i])
     return out
 
 
