@@ -14,6 +14,7 @@ from triplane3d.render.renderer import (
   ray_table,
   render_batch,
   render_image,
+  render_rays,
   to_image,
 )
 from triplane3d.render.sampling import importance_bins, smooth_weights, stratified_depths
@@ -30,6 +31,7 @@ __all__ = [
   'raymarch',
   'render_batch',
   'render_image',
+  'render_rays',
   'sample_pdf',
   'sample_planes',
   'sample_planes_mean',

@@ -118,12 +118,9 @@ class RenderOutput(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def ray_table(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  """The constant (origins (R², 3), dirs (R², 3)) float32 table, row-major pixel order."""
+  """The constant (origins (R², 3), dirs (R², 3)) float64 table, row-major pixel order."""
   origins, dirs = camera.rays(resolution)
-  return (
-    origins.reshape(-1, 3).astype(np.float32),
-    dirs.reshape(-1, 3).astype(np.float32),
-  )
+  return origins.reshape(-1, 3), dirs.reshape(-1, 3)
 
 
 def gather_pixels(image_hwc: jnp.ndarray, ray_indices: jnp.ndarray) -> jnp.ndarray:
@@ -145,11 +142,23 @@ def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, option
     planes, points_nk3.reshape(n * k, 3), cam.box_size, options.plane_axes, cam.box_center
   )
   rgb, raw = decode_fn(mlp_params, feats)
-  return rgb.astype(jnp.float32).reshape(n, k, 3), raw.astype(jnp.float32).reshape(n, k)
+  # March in the planes' precision (float32, or float64 in tests) whatever decode_fn used.
+  return rgb.astype(planes.dtype).reshape(n, k, 3), raw.astype(planes.dtype).reshape(n, k)
 
 
-def _render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, decode_fn, options):
-  """Renders a set of rays → (rgb (n, 3), depth (n, 1), opacity (n, 1), densities (n, k))."""
+def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, decode_fn, options):
+  """Renders n rays given their random draws (no chunking; `render_image` chunks this).
+
+  Args:
+    planes: (3, H, W, C) triplanes; mlp_params, decode_fn, options: as `render_image`.
+    origins_n3, dirs_n3: ray origins and unit directions.
+    jitter_nk: (n, num_coarse) uniform [0, 1) coarse jitter.
+    u_nk: (n, num_fine) uniform [0, 1) importance draws.
+
+  Returns:
+    `(rgb (n, 3), depth (n, 1), opacity (n, 1), densities (n, num_coarse + num_fine))`, the
+    fields of `RenderOutput`.
+  """
   cam = options.camera
   query = functools.partial(_query, planes, mlp_params, origins_n3, dirs_n3)
   depths = stratified_depths(jitter_nk, cam.near, cam.far)
@@ -187,7 +196,7 @@ def render_image(
   """Renders one image from its triplanes (deterministic given `key`).
 
   Args:
-    planes: (3, H, W, C) triplane features (computed in float32).
+    planes: (3, H, W, C) triplane features (bfloat16 is promoted: rendering runs in float32).
     mlp_params: the pytree `decode_fn` takes.
     key: PRNG key for the ray subset, the coarse jitter and the importance draws.
     decode_fn: `(mlp_params, feats (m, C)) -> (rgb (m, 3), raw density (m, 1))`.
@@ -198,7 +207,7 @@ def render_image(
   Returns:
     A `RenderOutput` with n = number of rendered rays (see its docstring).
   """
-  planes = planes.astype(jnp.float32)
+  planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
   num_pixels = options.resolution**2
   k_rays, k_jitter, k_fine = jax.random.split(key, 3)
   if ray_indices is None:
@@ -209,12 +218,12 @@ def render_image(
   ray_indices = ray_indices.astype(jnp.int32)
   n = ray_indices.shape[0]
   origins, dirs = ray_table(options.camera, options.resolution)
-  origins = jnp.asarray(origins)[ray_indices]
-  dirs = jnp.asarray(dirs)[ray_indices]
-  jitter = jax.random.uniform(k_jitter, (n, options.num_coarse))
-  u = jax.random.uniform(k_fine, (n, options.num_fine))
+  origins = jnp.asarray(origins, planes.dtype)[ray_indices]
+  dirs = jnp.asarray(dirs, planes.dtype)[ray_indices]
+  jitter = jax.random.uniform(k_jitter, (n, options.num_coarse), planes.dtype)
+  u = jax.random.uniform(k_fine, (n, options.num_fine), planes.dtype)
   inputs = (origins, dirs, jitter, u)
-  body = functools.partial(_render_rays, decode_fn=decode_fn, options=options)
+  body = functools.partial(render_rays, decode_fn=decode_fn, options=options)
 
   chunk = options.chunk
   if not chunk or chunk >= n:
