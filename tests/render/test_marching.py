@@ -1,8 +1,8 @@
 """Ray marching against a float64 numpy implementation of EG3D's MipRayMarcher, and analytic cases."""
 
 import jax
-import jax.test_util
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 
