@@ -17,6 +17,39 @@ _CONFIG = config_flags.DEFINE_config_file(
   'config', _DEMO, 'Experiment config file (see configs/).', lock_config=True
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0, for multi-process runs without a '
+  'cluster environment (TPU pods, SLURM and others are detected automatically).',
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address.')
+_CPU_COLLECTIVES = flags.DEFINE_enum(
+  'cpu_collectives', None, ['gloo', 'mpi'], 'Cross-process collectives on CPU devices.'
+)
+
+# Environment variables that mean "one of several processes": jax.distributed.initialize()
+# then finds the coordinator by itself.
+_CLUSTER_ENV = ('TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS', 'SLURM_STEP_NUM_TASKS',
+                'OMPI_COMM_WORLD_SIZE', 'JAX_COORDINATOR_ADDRESS')  # fmt: skip
+
+
+def _init_distributed():
+  import jax
+
+  if _CPU_COLLECTIVES.value:
+    jax.config.update('jax_cpu_collectives_implementation', _CPU_COLLECTIVES.value)
+  if _COORDINATOR.value:
+    jax.distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+    )
+  elif any(os.environ.get(k) for k in _CLUSTER_ENV) and os.environ.get(
+    'TPU_WORKER_HOSTNAMES', 'x'
+  ) not in ('', 'localhost'):
+    jax.distributed.initialize()
 
 
 def main(argv):
@@ -27,9 +60,11 @@ def main(argv):
   if not workdir:
     raise app.UsageError('pass --workdir=DIR (or set config.workdir).')
   logging.info('config:\n%s', config)
-  from triplane3d import train  # Imported late: flags must be parsed before jax starts.
+  _init_distributed()
+  from triplane3d import train
 
-  train.run(config, workdir)
+  summary = train.run(config, workdir)
+  logging.info('finished at step %d (preempted: %s)', summary['step'], summary['preempted'])
 
 
 if __name__ == '__main__':

@@ -154,7 +154,9 @@ def logical_to_mesh_spec(
   if not names:
     return P()
   names = tuple(names)
-  dups = {n for n in names if isinstance(n, str) and names.count(n) > 1}
+  # A name may repeat (a conv kernel's two 'spatial' dims) only if it is never sharded.
+  sharded = {name for name, axes in rules if axes is not None}
+  dups = {n for n in names if isinstance(n, str) and names.count(n) > 1 and n in sharded}
   if dups:
     raise ValueError(f'logical axis names {sorted(dups)} occur more than once in {names}')
   out: list[Any] = [None] * len(names)

@@ -1,0 +1,128 @@
+"""3D-Prior wiring: student backbone → representation h → decoder → renderer (+ teacher h).
+
+Parameters are one plain pytree `{'backbone', 'decoder', 'mlp'}` ('mlp' only with the triplane
+decoder); the frozen teacher is a separate backbone pytree of the same structure. Keeping the
+pieces as separate linen modules (rather than one module that renders) lets the renderer stay a
+pure function of `(planes, mlp_params)`, and lets the trainer shard, freeze or export each
+piece by its path.
+
+Shapes: images (B, S, S, 3) ImageNet-normalised; h (B, 1 + N, L·D) with N patches and L =
+`num_layers_h` blocks; rendered outputs are per ray, n = rays per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from triplane3d import render
+from triplane3d.models import vit
+from triplane3d.models.conv_decoder import ConvDecoder
+from triplane3d.models.triplane import PointMLP, TriplaneDecoder, point_mlp
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior3D:
+  """The 3D-Prior model: stateless; all parameters are passed in."""
+
+  backbone: vit.DinoViT
+  decoder: nn.Module  # TriplaneDecoder or ConvDecoder.
+  mlp: PointMLP | None
+  options: render.RenderOptions
+  img_size: int
+  num_layers_h: int = 4
+
+  @classmethod
+  def from_config(cls, config) -> Prior3D:
+    m = config.model
+    backbone = vit.create(
+      m.variant, dtype=jnp.dtype(m.dtype), remat=m.remat, drop_path_rate=m.drop_path_rate
+    )
+    camera = render.Camera.from_config(config.camera)
+    if config.decoder.kind == 'triplane':
+      decoder, mlp = TriplaneDecoder.from_config(config.decoder), PointMLP(config.render.mlp_hidden)
+    elif config.decoder.kind == 'conv':
+      decoder, mlp = ConvDecoder.from_config(config), None
+    else:
+      raise ValueError(f"decoder.kind must be 'triplane' or 'conv', got {config.decoder.kind!r}.")
+    return cls(
+      backbone=backbone,
+      decoder=decoder,
+      mlp=mlp,
+      options=render.RenderOptions.from_config(config.render, camera),
+      img_size=int(m.img_size),
+      num_layers_h=int(m.num_layers_h),
+    )
+
+  @property
+  def num_tokens(self) -> int:
+    return 1 + (self.img_size // self.backbone.patch_size) ** 2
+
+  def init(self, rng: jax.Array) -> dict:
+    """Boxed (nn.Partitioned) parameters; use under `jax.eval_shape` for shardings."""
+    k_b, k_d, k_m = jax.random.split(rng, 3)
+    x = jnp.zeros((1, self.img_size, self.img_size, 3), jnp.float32)
+    h = jnp.zeros((1, self.num_tokens, self.num_layers_h * self.backbone.width), jnp.float32)
+    params = {
+      'backbone': self.backbone.init(k_b, x)['params'],
+      'decoder': self.decoder.init(k_d, h)['params'],
+    }
+    if self.mlp is not None:
+      c = self.decoder.plane_channels
+      params['mlp'] = self.mlp.init(k_m, jnp.zeros((1, c), jnp.float32))['params']
+    return params
+
+  def representation(self, backbone_params, images, *, rng=None) -> jax.Array:
+    """h: normed class + patch tokens of the last `num_layers_h` blocks, (B, 1 + N, L·D).
+
+    `rng` (for stochastic depth) makes the pass stochastic; None is deterministic.
+    """
+    layers = self.backbone.apply(
+      {'params': backbone_params},
+      images,
+      n=self.num_layers_h,
+      return_class_token=True,
+      norm=True,
+      deterministic=rng is None,
+      rngs=None if rng is None else {'dropout': rng},
+      method='get_intermediate_layers',
+    )
+    tokens = [jnp.concatenate([cls[:, None], patch], axis=1) for patch, cls in layers]
+    return jnp.concatenate(tokens, axis=-1)
+
+  def reconstruct(self, params, h, key, *, full: bool = False) -> dict[str, jax.Array]:
+    """Decodes h and renders: rgb (B, n, 3), depth (B, n, 1), densities (B, n, k) (triplane
+    only), ray_indices (B, n). `full=True` renders every pixel whatever `rays_per_image`."""
+    opts = dataclasses.replace(self.options, rays_per_image=0) if full else self.options
+    if self.mlp is None:
+      rgb, depth = self.decoder.apply({'params': params['decoder']}, h)
+      b, r = rgb.shape[0], opts.resolution
+      if opts.rays_per_image:
+        keys = jax.random.split(key, b)
+        idx = jax.vmap(lambda k: jax.random.choice(k, r * r, (opts.rays_per_image,), False))(keys)
+      else:
+        idx = jnp.broadcast_to(jnp.arange(r * r), (b, r * r))
+      take = jax.vmap(render.gather_pixels)
+      return {
+        'rgb': take(rgb, idx),
+        'depth': take(depth, idx),
+        'ray_indices': idx.astype(jnp.int32),
+      }
+    planes = self.decoder.apply({'params': params['decoder']}, h)
+    out = render.render_batch(planes, params['mlp'], key, decode_fn=point_mlp, options=opts)
+    return {
+      'rgb': out.rgb,
+      'depth': out.depth,
+      'opacity': out.opacity,
+      'densities': out.densities,
+      'ray_indices': out.ray_indices,
+    }
+
+
+def unbox(tree: Any) -> Any:
+  """Plain arrays from a boxed (nn.Partitioned) parameter tree."""
+  return nn.meta.unbox(tree)

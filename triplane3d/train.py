@@ -1,0 +1,273 @@
+"""The 3D-Prior training loop, in chapters:
+
+  1. mesh and hosts  2. data  3. model, optimiser, abstract state and shardings
+  4. init or restore (and the frozen teacher)  5. the jitted step  6. the loop: log, images,
+  checkpoints, preemption.
+
+This file owns time (steps, epochs, schedules, checkpoints); the maths lives in models/,
+render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main` calls.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from triplane3d import checkpoint, convert, losses, optim, sharding, summaries
+from triplane3d.data import pipeline
+from triplane3d.models.prior3d import Prior3D, unbox
+
+NUM_VIS = 4  # Examples in each image grid.
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient norm became NaN / Inf."""
+
+
+def num_train_steps(config) -> int:
+  """train.num_steps if set, else train.num_epochs over the (sub)set at the global batch."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  return int(config.train.num_epochs * pipeline.steps_per_epoch(config))
+
+
+def _global_put(tree: Any, shardings: Any) -> Any:
+  """Host numpy arrays (identical on every process) → global jax.Arrays on `shardings`."""
+
+  def put(x, sh):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def build(config, mesh):
+  """Model, optimiser, schedule, abstract state and shardings (no arrays allocated)."""
+  model = Prior3D.from_config(config)
+  num_steps = num_train_steps(config)
+  rng = jax.random.key(config.seed)
+  boxed = jax.eval_shape(model.init, rng)
+  param_sh = sharding.logical_to_shardings(boxed, mesh)
+  tx, sched = optim.create(config.optim, unbox(boxed), num_steps)
+
+  def init_state(key):
+    params = unbox(model.init(key))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  abstract = jax.eval_shape(init_state, rng)
+  state_sh = sharding.state_shardings(abstract, param_sh, mesh)
+  return model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps
+
+
+def make_train_step(model: Prior3D, tx, sched, config, base_key):
+  """The un-jitted step: (state, teacher, batch) → (new state, metrics)."""
+  use_drop = config.model.drop_path_rate > 0
+
+  def train_step(state, teacher, batch):
+    step = state['step']
+    k_render, k_drop = jax.random.split(jax.random.fold_in(base_key, step))
+
+    def loss_fn(params):
+      h = model.representation(params['backbone'], batch['image'], rng=k_drop if use_drop else None)
+      h_t = model.representation(teacher, batch['image']) if teacher else None
+      recon = model.reconstruct(params, h, k_render)
+      return losses.objective(recon, batch, h, h_t, config.loss)
+
+    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = {
+      'step': step + 1,
+      'params': optax.apply_updates(state['params'], updates),
+      'opt_state': opt_state,
+    }
+    metrics = {**terms, 'grad_norm': optax.global_norm(grads), 'lr': sched(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def run(config, workdir: str) -> dict:
+  """Trains (or resumes) to `num_train_steps(config)`; returns a summary of the run.
+
+  Returns:
+    {'step': last step reached, 'losses': {step: total loss} for the steps run here,
+     'preempted': whether a signal stopped the run early, 'images': PNG paths written}.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  config = config.copy_and_resolve_references()
+  config.workdir = workdir
+
+  # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
+  logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
+
+  # 2. Data: this host's share, checkpointable.
+  data_iter = pipeline.create(config)
+
+  # 3. Model, optimiser, abstract state, shardings.
+  model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps = build(config, mesh)
+  use_teacher = config.loss.dist_weight > 0
+  k_init, k_train = jax.random.split(jax.random.key(config.seed))
+
+  # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
+  ckpt = checkpoint.Checkpointer(
+    workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
+  )
+  restored = ckpt.restore_latest(sharding.abstract_with_shardings(abstract, state_sh), data_iter)
+  loaded = None
+  if config.model.init_from:
+    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
+  if restored:
+    start, state = restored
+    logging.info('resumed from step %d', start)
+  else:
+    start = 0
+    state = jax.jit(init_state, out_shardings=state_sh)(k_init)
+    if loaded is not None:
+      state['params']['backbone'] = _global_put(loaded, state_sh['params']['backbone'])
+  teacher = {}
+  if use_teacher:
+    teacher_sh = param_sh['backbone']
+    if loaded is not None:
+      teacher = _global_put(loaded, teacher_sh)
+    else:  # From scratch with distillation: the teacher is the student's random init.
+      teacher = jax.jit(lambda k: unbox(model.init(k))['backbone'], out_shardings=teacher_sh)(
+        k_init
+      )
+
+  # 5. The step: explicit shardings, the state donated.
+  step_fn = jax.jit(
+    make_train_step(model, tx, sched, config, k_train),
+    in_shardings=(
+      state_sh,
+      param_sh['backbone'] if use_teacher else {},
+      sharding.batch_sharding(mesh),
+    ),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+  visualize = jax.jit(
+    lambda params, images: model.reconstruct(
+      params, model.representation(params['backbone'], images), jax.random.key(0), full=True
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
+
+  # 6. The loop.
+  writer = summaries.Writer(workdir)
+  result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
+  vis = None
+  pending = None  # (step, device metrics) of the last dispatched step, checked one step late.
+  window: list[dict] = []
+  t_window, n_window = time.perf_counter(), 0
+  bar = _progress(start, num_steps)
+  camera = model.options.camera
+
+  def drain():
+    """Fetches the pending step's metrics, refusing NaN/Inf before anything is saved."""
+    nonlocal pending
+    if pending is None:
+      return
+    s, m = pending
+    pending = None
+    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    if not (math.isfinite(host['total']) and math.isfinite(host['grad_norm'])):
+      raise NonFiniteLossError(
+        f'non-finite loss at step {s}: {host}. Stopped without saving this state; the last '
+        f'good checkpoint is step {ckpt.latest_step}. Lower optim.lr, enable '
+        'optim.grad_clip_norm, or check the data.'
+      )
+    result['losses'][s] = host['total']
+    window.append(host)
+
+  def save_images(step):
+    if vis is None:
+      return
+    out = visualize(state['params'], vis['image'])
+    r = model.options.resolution
+    grid = summaries.reconstruction_grid(
+      np.asarray(vis['image']),
+      np.asarray(out['rgb']).reshape(-1, r, r, 3),
+      np.asarray(out['depth']).reshape(-1, r, r, 1),
+      np.asarray(vis['rgb']),
+      np.asarray(vis['depth']),
+      camera.near,
+      camera.far,
+    )
+    path = writer.image(step, grid)
+    if path:
+      result['images'].append(path)
+
+  with ckpt, checkpoint.PreemptionGuard() as guard:
+    step = start
+    while step < num_steps:
+      batch = pipeline.to_global(next(data_iter), mesh)
+      if vis is None:
+        vis = jax.jit(
+          lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
+          out_shardings=sharding.replicated(mesh),
+        )(batch)
+        if start == 0:
+          save_images(0)
+      state, metrics = step_fn(state, teacher, batch)
+      drain()  # The previous step's metrics, while this step runs.
+      pending = (step + 1, metrics)
+      step += 1
+      n_window += 1
+      stop = guard.should_stop(step)
+      last = step == num_steps
+      if step % config.train.log_every_steps == 0 or last or stop:
+        drain()
+        dt = time.perf_counter() - t_window
+        means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+        means['images_per_sec'] = n_window * config.train.batch_size / max(dt, 1e-9)
+        writer.scalars(step, means)
+        bar.update(step, means)
+        window.clear()
+        t_window, n_window = time.perf_counter(), 0
+      if step % config.train.image_every_steps == 0 or last:
+        save_images(step)
+      if stop or last or step % config.train.ckpt_every_steps == 0:
+        drain()
+        ckpt.save(step, state, data_iter, force=stop or last)
+      if stop:
+        logging.warning('preempted: saved step %d, exiting cleanly.', step)
+        result['preempted'] = True
+        break
+    result['step'] = step
+  bar.close()
+  writer.close()
+  return result
+
+
+class _progress:
+  """A tqdm bar on process 0 (step, losses, images/s, ETA); silent elsewhere."""
+
+  def __init__(self, start: int, total: int):
+    self._bar = None
+    if jax.process_index() == 0:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, initial=start, desc='train', unit='step', dynamic_ncols=True)
+    self._last = start
+
+  def update(self, step: int, means: dict) -> None:
+    if self._bar is None:
+      return
+    self._bar.update(step - self._last)
+    self._last = step
+    keys = ('total', 'rgb', 'depth', 'dist', 'psnr', 'images_per_sec')
+    self._bar.set_postfix({k: f'{means[k]:.4g}' for k in keys if k in means}, refresh=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
