@@ -70,6 +70,7 @@ def test_two_hosts_with_workers_disjoint_cover_and_resume(data_dir):
   it.set_state(state)
   for want, got in zip(next0, _take(it, 2)):
     np.testing.assert_array_equal(_indices(want), _indices(got))
+  it0.close(), it.close()  # Stop the worker processes now rather than at interpreter exit.
 
 
 def test_resume_through_orbax_gives_same_next_batches(data_dir, tmp_path):
