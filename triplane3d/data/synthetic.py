@@ -29,6 +29,7 @@ format `precompute_depth` writes (`depth_format`), so the demo runs the producti
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -171,6 +172,12 @@ def sample_scene(index: int, seed: int, *, texture_mode='class', variation=None)
   }
 
 
+@functools.lru_cache(maxsize=8)
+def _rays(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  o, d = camera.rays(resolution)  # The camera is fixed: one ray table per resolution.
+  return o.reshape(-1, 3), d.reshape(-1, 3)
+
+
 def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
   """Ray casts a scene from `camera`.
 
@@ -178,15 +185,21 @@ def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np
     (rgb_hw3 uint8, depth_hw float64): depth is the distance along each unit ray to the first
     surface, exactly `camera.far` on the background.
   """
-  o_hw3, d_hw3 = camera.rays(resolution)
-  o, d = o_hw3.reshape(-1, 3), d_hw3.reshape(-1, 3)
+  o, d = _rays(camera, resolution)
   depth = np.full(len(o), np.inf)
   rgb = _background(scene['background'], d @ camera.rotation_matrix, scene['bg_tex'])
   for obj in scene['objects']:
+    # Only rays through the object's bounding sphere are cast (most miss small objects).
+    radius = 1.01 * obj['size'] * max(1.0, float(np.max(obj['aspect'])))
+    oc = o - obj['center']
+    b = np.sum(oc * d, -1)
+    ray = np.flatnonzero(b * b - np.sum(oc * oc, -1) + radius**2 >= 0)
+    if not len(ray):
+      continue
     rot = obj['rotation']
-    o_l, d_l = (o - obj['center']) @ rot, d @ rot  # Rᵀx for row vectors: world → local.
+    o_l, d_l = oc[ray] @ rot, d[ray] @ rot  # Rᵀx for row vectors: world → local.
     t, n_l = scenes.intersect(obj['shape'], o_l, d_l, obj['size'], obj['aspect'])
-    closer = t < depth
+    closer = t < depth[ray]
     if not closer.any():
       continue
     p_l = o_l[closer] + t[closer, None] * d_l[closer]
@@ -194,7 +207,7 @@ def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np
     diffuse = np.clip(n_w @ scene['light'], 0, 1)  # `light` points towards the light.
     shade = scene['ambient'] + (1 - scene['ambient']) * diffuse
     color = _texture(obj['texture'], p_l / obj['size'], obj['tex']) * shade[:, None]
-    rgb[closer], depth[closer] = color, t[closer]
+    rgb[ray[closer]], depth[ray[closer]] = color, t[closer]
   depth = np.where(np.isfinite(depth), depth, camera.far)
   rgb = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
   return rgb.reshape(resolution, resolution, 3), depth.reshape(resolution, resolution)
