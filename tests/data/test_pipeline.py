@@ -57,7 +57,9 @@ def test_two_hosts_with_workers_disjoint_cover_and_resume(data_dir):
   it0 = pipeline.create(c0, process_index=0, process_count=2)
   it1 = pipeline.create(c1, process_index=1, process_count=2)
   b0, b1 = _take(it0, 6), _take(it1, 4)  # 16 examples per host per epoch, 4 per batch.
-  assert b0[0]['image'].shape[0] == 4
+  for b in b0[:1] + b1[:1]:
+    assert b['image'].shape == (4, 24, 24, 3) and b['depth'].shape == (4, 32, 32, 1)
+    assert b['rgb'].dtype == b['depth'].dtype == np.float32 and b['label'].dtype == np.int32
   seen0 = np.concatenate([_indices(b) for b in b0[:4]])
   seen1 = np.concatenate([_indices(b) for b in b1])
   assert not set(seen0) & set(seen1)

@@ -6,17 +6,20 @@ holds the depth of image record `i`. Each record has
 
   key          Text     the image's stable key (`sources.example_key`): its `file_name`
                         when the image dataset has one, else a content hash of its bytes.
-  depth        bytes    a 16-bit greyscale PNG of shape (h, w): the depth quantised
-                        linearly between `depth_range[0]` (→ 0) and `depth_range[1]` (→ 65535).
+  depth        bytes    a 16-bit greyscale PNG of shape (h, w) holding 12-bit codes: the depth
+                        quantised linearly between `depth_range[0]` (→ 0) and `depth_range[1]`
+                        (→ 4095).
   depth_range  float32  (2,): the per-image (min, max) of the raw model output.
 
 The raw model output is stored (distance for ZoeDepth, disparity for disparity models): the
 mapping into the renderer's [near, far] range is a training-time choice (`config.depth`), so
 it can change without recomputing anything. (h, w) keeps the image's aspect ratio with the
-longer side at most `max_side` (precompute tool flag, 384 by default, never upsampled);
+longer side at most `max_side` (precompute tool flag, 256 by default, never upsampled);
 augmentations crop depth in normalised coordinates, so depth and image need not have the same
-resolution. Quantisation error: at most (max − min) / 131070 per pixel, e.g. 7.6e-5 m for a
-10 m range — far below any monocular model's error. See docs/data.md for the storage estimate.
+resolution. Quantisation error: at most (max − min) / 8190 per pixel, e.g. 1.2 mm for a 10 m
+range, 1.2e-4 of the renderer's depth range after normalisation — far below any monocular
+model's error. 12 rather than 16 bits: the low bits of a model's depth are noise that PNG
+cannot compress (16 bits cost 2.2× the bytes). See docs/data.md for the storage estimate.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-_LEVELS = 65535
+_LEVELS = 4095  # 12-bit codes in a 16-bit PNG (see the module docstring).
 
 
 def features() -> tfds.features.FeaturesDict:

@@ -2,7 +2,7 @@
 
   python -m triplane3d.data.precompute_depth --name=imagenet2012 --split=train \
       --data_dir=DATA_DIR --model=Intel/zoedepth-nyu-kitti [--depth_name=imagenet2012_depth] \
-      [--shard_index=0 --num_shards=1] [--batch_size=16] [--max_side=384]
+      [--shard_index=0 --num_shards=1] [--batch_size=16] [--max_side=256]
 
 Writes the depth dataset (`depth_format`) record-aligned with the images. The work is cut into
 shards of `--records_per_shard` images, each one ArrayRecord file written atomically: a
@@ -108,7 +108,7 @@ def precompute(
   shard_index: int = 0,
   num_shards: int = 1,
   batch_size: int = 16,
-  max_side: int = 384,
+  max_side: int = 256,
   max_work_shards: int | None = None,
 ) -> int:
   """Computes missing depth shards of this machine's share. Returns images processed.
@@ -161,7 +161,7 @@ def _define_flags():
   flags.DEFINE_integer('shard_index', 0, 'This machine: index among --num_shards.')
   flags.DEFINE_integer('num_shards', 1, 'Machines sharing the work.')
   flags.DEFINE_integer('batch_size', 16, 'Images per forward pass.')
-  flags.DEFINE_integer('max_side', 384, 'Longer side of stored depth maps (never upsampled).')
+  flags.DEFINE_integer('max_side', 256, 'Longer side of stored depth maps (never upsampled).')
 
 
 def main(argv):
