@@ -35,14 +35,14 @@ def point_mlp(params: Any, feats_nc: jnp.ndarray, dtype: Dtype = jnp.float32):
     dtype: computation dtype of the two matmuls.
 
   Returns:
-    `(rgb (n, 3), raw_sigma (n, 1))`, float32. rgb = sigmoid(x)·(1 + 2·0.001) − 0.001; the raw
+    `(rgb (n, 3), raw_sigma (n, 1))`, float32 (float64 under a float64 `dtype`). rgb = sigmoid(x)·(1 + 2·0.001) − 0.001; the raw
     density is activated later, in the marcher.
   """
   hid, out = params['hidden'], params['out']
   x = jnp.dot(feats_nc.astype(dtype), hid['kernel'].astype(dtype)) + hid['bias'].astype(dtype)
   x = jax.nn.softplus(x)
   x = jnp.dot(x, out['kernel'].astype(dtype)) + out['bias'].astype(dtype)
-  x = x.astype(jnp.float32)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 → float32.
   rgb = jax.nn.sigmoid(x[:, 1:]) * (1 + 2 * 0.001) - 0.001
   return rgb, x[:, :1]
 

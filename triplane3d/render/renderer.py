@@ -10,8 +10,9 @@ flow to both the planes and the decoder parameters.
 
 Memory: rays are rendered in chunks of `chunk` rays under `jax.lax.map` with each chunk
 rematerialised (`jax.checkpoint`), so the backward pass holds one chunk's activations at a
-time. All random numbers (ray subset, jitter, fine-sample draws) are drawn per ray before
-chunking, so the output does not depend on the chunk size.
+time. The random draws of a ray (coarse jitter, importance draws) are keyed by its pixel
+index, so a pixel's output does not depend on the chunk size nor on which other rays are
+rendered with it (a random subset renders exactly what the full image shows there).
 
 Key for shape suffixes: n rays, k samples per ray, c channels, h/w image rows/columns.
 """
@@ -209,7 +210,7 @@ def render_image(
   """
   planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
   num_pixels = options.resolution**2
-  k_rays, k_jitter, k_fine = jax.random.split(key, 3)
+  k_rays, k_draws = jax.random.split(key)
   if ray_indices is None:
     if options.rays_per_image:
       ray_indices = jax.random.choice(k_rays, num_pixels, (options.rays_per_image,), False)
@@ -220,8 +221,12 @@ def render_image(
   origins, dirs = ray_table(options.camera, options.resolution)
   origins = jnp.asarray(origins, planes.dtype)[ray_indices]
   dirs = jnp.asarray(dirs, planes.dtype)[ray_indices]
-  jitter = jax.random.uniform(k_jitter, (n, options.num_coarse), planes.dtype)
-  u = jax.random.uniform(k_fine, (n, options.num_fine), planes.dtype)
+  # Draws keyed by pixel index: a pixel renders the same whether it is rendered alone, in a
+  # random subset or in the full image, and whatever the chunk size.
+  draws = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(k_draws, i), (options.num_samples,))
+  )(ray_indices).astype(planes.dtype)
+  jitter, u = draws[:, : options.num_coarse], draws[:, options.num_coarse :]
   inputs = (origins, dirs, jitter, u)
   body = functools.partial(render_rays, decode_fn=decode_fn, options=options)
 
