@@ -122,3 +122,17 @@ def test_depth_format_round_trip_error_bound():
   err = np.abs(got[fin] - d[fin]).max()
   assert err <= depth_format.max_quantisation_error(rec['depth_range'])
   assert got[0, 0] == pytest.approx(d[fin].max(), rel=1e-5)
+
+
+def test_demo_config_generates_on_first_use_and_reads_like_tfds(tmp_path):
+  from triplane3d.configs import demo
+  from triplane3d.data import pipeline
+
+  c = demo.get_config()
+  c.workdir, c.data.num_synthetic, c.depth.normalize = str(tmp_path), 40, 'none'
+  b = next(pipeline.create(c, process_count=1))  # Generates into <workdir>/data.
+  s, r = c.model.img_size, c.render.resolution
+  assert b['image'].shape == (16, s, s, 3) and b['depth'].shape == (16, r, r, 1)
+  assert records.is_prepared(str(tmp_path / 'data'), synthetic.DEPTH_NAME)
+  assert pipeline.num_examples(c) == 40  # Second use: the existing dataset is reused.
+  assert (b['depth'] <= CAM.far).all() and (b['depth'] > CAM.near).any()
