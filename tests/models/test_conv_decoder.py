@@ -14,10 +14,10 @@ def test_demo_config_outputs_rgb_and_depth_in_range():
   cfg = demo.get_config()
   model = ConvDecoder.from_config(cfg)
   h = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 96)) * 3  # 56 px / 14 = 4×4 grid.
-  variables = model.init(jax.random.PRNGKey(1), h)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), h)
   for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
     assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
-  rgb, depth = model.apply(variables, h)
+  rgb, depth = jax.jit(model.apply)(variables, h)
   assert rgb.shape == (2, 32, 32, 3) and depth.shape == (2, 32, 32, 1)
   assert float(rgb.min()) >= 0 and float(rgb.max()) <= 1
   assert float(depth.min()) >= cfg.camera.near and float(depth.max()) <= cfg.camera.far

@@ -34,12 +34,12 @@ def test_demo_config_shapes_axes_and_dtypes():
   cfg.decoder.dtype = 'bfloat16'
   model = TriplaneDecoder.from_config(cfg.decoder)
   h = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 4 * 48))
-  variables = model.init(jax.random.PRNGKey(1), h)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), h)
   assert_logically_partitioned(variables)
   params = nn.unbox(variables)['params']
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   assert params['embeddings'].shape == (3 * 8 * 8, 64)
-  planes = model.apply(variables, h)
+  planes = jax.jit(model.apply)(variables, h)
   assert planes.shape == (2, 3, 32, 32, 16) and planes.dtype == jnp.float32
   assert np.all(np.isfinite(planes))
   # The planes depend on h (cross-attention works) and on which image it is.

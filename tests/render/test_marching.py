@@ -108,5 +108,5 @@ def test_gradients_match_finite_differences():
       return jnp.sum(rgb * jnp.arange(1.0, 4.0)) + jnp.sum(depth)
 
     jax.test_util.check_grads(
-      f, (jnp.asarray(colors), jnp.asarray(densities)), order=1, modes=['rev'], eps=1e-6
+      jax.jit(f), (jnp.asarray(colors), jnp.asarray(densities)), order=1, modes=['rev'], eps=1e-6
     )

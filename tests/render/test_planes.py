@@ -110,8 +110,12 @@ def test_fused_mean_gradient_matches_autodiff_of_per_plane_lookup():
   planes, points = random_case(4, n=64)
   pts = jnp.asarray(points, jnp.float32)
   cot = jnp.asarray(np.random.default_rng(5).normal(size=(64, 4)), jnp.float32)
-  fused = jax.grad(lambda p: jnp.sum(cot * sample_planes_mean(p, pts, SIZE, 'eg3d', CENTER)))
-  plain = jax.grad(lambda p: jnp.sum(cot * sample_planes(p, pts, SIZE, 'eg3d', CENTER).mean(-2)))
+  fused = jax.jit(
+    jax.grad(lambda p: jnp.sum(cot * sample_planes_mean(p, pts, SIZE, 'eg3d', CENTER)))
+  )
+  plain = jax.jit(
+    jax.grad(lambda p: jnp.sum(cot * sample_planes(p, pts, SIZE, 'eg3d', CENTER).mean(-2)))
+  )
   p = jnp.asarray(planes, jnp.float32)
   np.testing.assert_allclose(fused(p), plain(p), rtol=1e-5, atol=1e-6)
   # And the autodiff gradient is the exact transpose of the (linear) lookup.

@@ -114,7 +114,7 @@ def make_scene(seed, channels=4, res=8, hidden=8):
   """Random float32 planes (3, res, res, C) and PointMLP params (with a density bias)."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
   planes = jax.random.normal(k1, (3, res, res, channels))
-  params = nn.unbox(PointMLP(hidden).init(k2, jnp.zeros((1, channels))))['params']
+  params = nn.unbox(jax.jit(PointMLP(hidden).init)(k2, jnp.zeros((1, channels))))['params']
   # A positive density bias so that the scene is neither empty nor fully opaque.
   params['out']['bias'] = params['out']['bias'].at[0].set(3.0)
   return planes, params
@@ -216,7 +216,7 @@ def test_gradients_match_finite_differences():
     jax.test_util.check_grads(jax.jit(f), (planes, params), order=1, modes=['rev'], eps=1e-6)
 
 
-def test_ray_subset_renders_the_same_pixels_as_the_full_image():
+def test_ray_subset_and_batch_render_what_the_full_image_shows():
   planes, params = make_scene(6)
   key = jax.random.PRNGKey(7)
   full = render(planes, params, key, decode_fn=point_mlp, options=OPTS)
@@ -232,18 +232,14 @@ def test_ray_subset_renders_the_same_pixels_as_the_full_image():
   np.testing.assert_allclose(gather_pixels(image, sub.ray_indices), full.rgb[idx])
   again = render(planes, params, key, decode_fn=point_mlp, options=sub_opts)
   np.testing.assert_array_equal(again.rgb, sub.rgb)  # Deterministic given the key.
-
-
-def test_render_batch_is_render_image_per_image():
-  planes, params = make_scene(8)
-  batch = jnp.stack([planes, -planes])
-  key = jax.random.PRNGKey(9)
-  out = jax.jit(render_batch, static_argnames=('decode_fn', 'options'))(
-    batch, params, key, decode_fn=point_mlp, options=OPTS
+  # Batched: image b is render_image with the b-th split key.
+  batched = jax.jit(render_batch, static_argnames=('decode_fn', 'options'))(
+    jnp.stack([-planes, planes]), params, key, decode_fn=point_mlp, options=OPTS
   )
-  assert out.rgb.shape == (2, 36, 3) and out.densities.shape == (2, 36, 14)
-  one = render(-planes, params, jax.random.split(key, 2)[1], decode_fn=point_mlp, options=OPTS)
-  np.testing.assert_allclose(out.depth[1], one.depth, rtol=1e-5)
+  assert batched.rgb.shape == (2, 36, 3) and batched.densities.shape == (2, 36, 14)
+  one = render(planes, params, jax.random.split(key, 2)[1], decode_fn=point_mlp, options=OPTS)
+  np.testing.assert_allclose(batched.depth[1], one.depth, rtol=1e-5)
+  np.testing.assert_allclose(batched.rgb[1], one.rgb, rtol=1e-5)
 
 
 def test_options_from_config_and_ray_table():
