@@ -8,7 +8,12 @@ and projected to C channels: (B, 3, L·2^U, L·2^U, C), 128×128×32 by default.
 `PointMLP` / `point_mlp`: the EG3D decoder from averaged plane features to colour and raw
 density. The module only declares parameters; `point_mlp(params, feats)` is the pure
 function it applies, and exactly what the renderer takes as `decode_fn` with
-`variables['params']` (unboxed) as `mlp_params`.
+`variables['params']` (unboxed) as `mlp_params`:
+
+  mlp = PointMLP.from_config(config)
+  mlp_params = nn.unbox(mlp.init(rng, jnp.zeros((1, C))))['params']
+  decode_fn = functools.partial(point_mlp, dtype=mlp.dtype)
+  out = render_image(planes, mlp_params, key, decode_fn=decode_fn, options=options)
 """
 
 from __future__ import annotations
@@ -70,6 +75,11 @@ class PointMLP(nn.Module):
 
   hidden: int = 64
   dtype: Dtype = jnp.float32
+
+  @classmethod
+  def from_config(cls, config) -> PointMLP:
+    """From the full config: render.mlp_hidden, computed in decoder.dtype."""
+    return cls(hidden=int(config.render.mlp_hidden), dtype=jnp.dtype(config.decoder.dtype))
 
   @nn.compact
   def __call__(self, feats_nc):
