@@ -14,8 +14,18 @@ os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+import tempfile
+
 import jax
 import pytest
+
+# Several tests compile the same tiny train step (resume = uninterrupted runs it three times,
+# multi-process runs twice): a persistent compilation cache, shared by xdist workers and
+# subprocesses, turns the repeats into cache hits.
+CACHE_DIR = os.path.join(tempfile.gettempdir(), 'triplane3d_test_jax_cache')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 @pytest.fixture(scope='session')

@@ -88,7 +88,7 @@ def make_train_step(model: Prior3D, tx, sched, config, base_key):
       'params': optax.apply_updates(state['params'], updates),
       'opt_state': opt_state,
     }
-    metrics = {**terms, 'grad_norm': optax.global_norm(grads), 'lr': sched(step)}
+    metrics = {**terms, 'grad_norm': optax.tree.norm(grads), 'lr': sched(step)}
     return new_state, metrics
 
   return train_step
@@ -99,7 +99,8 @@ def run(config, workdir: str) -> dict:
 
   Returns:
     {'step': last step reached, 'losses': {step: total loss} for the steps run here,
-     'preempted': whether a signal stopped the run early, 'images': PNG paths written}.
+     'preempted': whether a signal stopped the run early, 'images': PNG paths written,
+     'state': the final train state (sharded jax.Arrays)}.
   """
   os.makedirs(workdir, exist_ok=True)
   config = config.copy_and_resolve_references()
@@ -244,6 +245,7 @@ def run(config, workdir: str) -> dict:
         result['preempted'] = True
         break
     result['step'] = step
+  result['state'] = state
   bar.close()
   writer.close()
   return result

@@ -1,0 +1,156 @@
+"""The trainer on tiny configs: frozen teacher, sharded = single-device, resume = uninterrupted,
+NaN stop, refusals of impossible configs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from tiny import tiny_config
+
+from triplane3d import checkpoint, sharding, train
+from triplane3d.data import pipeline
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('synthetic'))
+
+
+def _setup(config, devices):
+  mesh = sharding.make_mesh(config.mesh, devices)
+  model, tx, sched, init_state, _, state_sh, param_sh, _ = train.build(config, mesh)
+  k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  state = jax.jit(init_state, out_shardings=state_sh)(k_init)
+  teacher = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=param_sh['backbone'])(
+    state['params']['backbone']
+  )
+  step = jax.jit(
+    train.make_train_step(model, tx, sched, config, k_train),
+    in_shardings=(state_sh, param_sh['backbone'], sharding.batch_sharding(mesh)),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+  )
+  batch = pipeline.to_global(next(pipeline.create(config)), mesh)
+  return mesh, state, teacher, step, batch
+
+
+def test_teacher_gets_no_gradient_and_never_changes(data_dir):
+  config = tiny_config(data_dir, **{'mesh.data': 1})
+  _, state, teacher, step, batch = _setup(config, jax.devices()[:1])
+  before = jax.tree.map(np.asarray, teacher)
+  grads = jax.grad(lambda t: step(state, t, batch)[1]['total'])(teacher)
+  assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads))
+  for _ in range(2):
+    state, metrics = step(state, teacher, batch)
+  assert float(metrics['dist']) > 0  # The student moved away from the teacher...
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(teacher), strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))  # ...which did not move.
+
+
+def test_sharded_step_equals_single_device(data_dir, devices):
+  # The paper's lr: Adam's first steps are ±lr for every parameter, so reduction-order noise
+  # in near-zero gradients moves a parameter by up to ~lr·1e-2; at 1e-4 that is within 1e-5.
+  over = {'optim.lr': 1e-4}
+  config = tiny_config(data_dir, **{'mesh.data': 4, 'mesh.fsdp': 2, **over})
+  _, s8, t8, step8, b8 = _setup(config, devices)
+  config1 = tiny_config(data_dir, **{'mesh.data': 1, **over})
+  _, s1, t1, step1, b1 = _setup(config1, devices[:1])
+  np.testing.assert_array_equal(np.asarray(b8['image']), np.asarray(b1['image']))
+  for _ in range(2):
+    s8, m8 = step8(s8, t8, b8)
+    s1, m1 = step1(s1, t1, b1)
+  for k in ('total', 'rgb', 'depth', 'dist', 'grad_norm'):
+    np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5, err_msg=k)
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(s8['params']), jax.tree.leaves(s1['params']), strict=True
+  ):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(path))
+  # Intended shardings after a step: big weights split over fsdp, Adam moments alike.
+  qkv = s8['params']['backbone']['blocks_0']['attn']['qkv']['kernel']
+  assert qkv.sharding.spec == P('fsdp'), qkv.sharding.spec
+  assert len(qkv.addressable_shards) == 8 and qkv.addressable_shards[0].data.shape[0] == 32
+  mu = [
+    leaf
+    for path, leaf in jax.tree_util.tree_leaves_with_path(s8['opt_state'])
+    if 'mu' in jax.tree_util.keystr(path) and 'blocks_0' in jax.tree_util.keystr(path)
+    and 'qkv' in jax.tree_util.keystr(path) and 'kernel' in jax.tree_util.keystr(path)
+  ]  # fmt: skip
+  assert mu and all(m.sharding.spec == P('fsdp') for m in mu)
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+  full = train.run(tiny_config(data_dir), str(tmp_path / 'a'))
+  first = train.run(tiny_config(data_dir, **{'train.num_steps': 2}), str(tmp_path / 'b'))
+  assert first['step'] == 2
+  second = train.run(tiny_config(data_dir), str(tmp_path / 'b'))
+  assert second['step'] == 4 and sorted(second['losses']) == [3, 4]
+  # Same data and same params: the resumed losses are bitwise the uninterrupted ones.
+  assert [second['losses'][s] for s in (3, 4)] == [full['losses'][s] for s in (3, 4)]
+  for a, b in zip(
+    jax.tree.leaves(full['state']['params']),
+    jax.tree.leaves(second['state']['params']),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+  make = train.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def wrapped(state, teacher, batch):
+      new, metrics = step_fn(state, teacher, batch)
+      bad = state['step'] >= 2  # Steps 3 and later produce NaN.
+      metrics = dict(metrics, total=jnp.where(bad, jnp.nan, metrics['total']))
+      return new, metrics
+
+    return wrapped
+
+  monkeypatch.setattr(train, 'make_train_step', poisoned)
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train.NonFiniteLossError, match=r'non-finite loss at step 3.*step 2'):
+    train.run(tiny_config(data_dir, **{'train.num_steps': 6}), workdir)
+  with checkpoint.Checkpointer(workdir) as ckpt:
+    assert ckpt.all_steps() == [2]
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'train.batch_size': 6}, 'not divisible by mesh data × fsdp'),
+    ({'mesh.data': 3}, 'mesh.data=3'),
+    ({'optim.lr_mults': (('backbone/.*', 0.5),)}, 'match no rule of optim.lr_mults'),
+    ({'decoder.kind': 'mlp'}, "decoder.kind must be 'triplane' or 'conv'"),
+  ],
+)
+def test_impossible_configs_are_refused(data_dir, tmp_path, overrides, message):
+  config = tiny_config(data_dir, **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.run(config, str(tmp_path / 'w'))
+
+
+def test_freezing_a_group_keeps_it_fixed(data_dir):
+  mults = (('backbone/.*', 0.0), ('.*', 1.0))
+  config = tiny_config(data_dir, **{'mesh.data': 1, 'optim.lr_mults': mults})
+  _, state, teacher, step, batch = _setup(config, jax.devices()[:1])
+  before = jax.tree.map(np.asarray, state['params'])
+  state, _ = step(state, teacher, batch)
+  for a, b in zip(
+    jax.tree.leaves(before['backbone']), jax.tree.leaves(state['params']['backbone'])
+  ):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  moved = [
+    not np.array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(before['decoder']), jax.tree.leaves(state['params']['decoder']))
+  ]
+  assert any(moved)
+
+
+def test_conv_decoder_ablation_trains(data_dir, tmp_path):
+  config = tiny_config(
+    data_dir, **{'decoder.kind': 'conv', 'loss.dist_weight': 0.0, 'train.num_steps': 2}
+  )
+  result = train.run(config, str(tmp_path / 'conv'))
+  assert result['step'] == 2 and all(np.isfinite(v) for v in result['losses'].values())
