@@ -30,6 +30,7 @@ def get_config():
   c.render.mlp_hidden = 32
   c.render.chunk = 0
   c.data.source = 'synthetic'
+  c.depth.normalize = 'none'  # Synthetic depth is exact and already in [near, far].
   c.data.num_synthetic = 512
   c.data.num_workers = 0
   c.data.crop_scale = (0.5, 1.0)

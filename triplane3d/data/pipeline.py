@@ -3,7 +3,8 @@
   source (ImageDepthSource, optionally a fixed random Subset)
     → shuffle(seed), reshuffled every epoch → repeat forever
     → DecodeAugment (random_map: crop/flip drawn from the *global* index, so augmentation does
-      not depend on the number of hosts) → this host's share [process_index::process_count]
+      not depend on the number of hosts) → this host's contiguous block of each global batch
+      (`HostBlocks`)
     → batch(global_batch // process_count) → worker processes (mp_prefetch)
 
 Shuffling before sharding means each epoch every host sees a different 1/process_count of the
@@ -25,6 +26,30 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from triplane3d.data import sources, synthetic, transforms
 from triplane3d.render.camera import Camera
+
+
+class HostBlocks(grain.MapDataset):
+  """This host's contiguous block of every global batch.
+
+  Global batch j is elements [j·G, (j+1)·G) of the parent; host p of P takes
+  [j·G + p·b, j·G + (p+1)·b) with b = G / P. Concatenating the hosts' batches in process order
+  (what `to_global` does) therefore rebuilds exactly the single-process batch, element for
+  element, so per-example randomness keyed by batch position (ray subsets, jitter) and hence
+  the losses do not depend on the number of hosts.
+  """
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+    super().__init__(parent)
+    self._g, self._b, self._p = global_batch, global_batch // count, index
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._g * self._b
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    j, t = divmod(i, self._b)
+    return self._parent[j * self._g + self._p * self._b + t]
 
 
 def _resolve(config) -> tuple[str, str, str, str]:
@@ -125,7 +150,7 @@ def create(config, *, process_index=None, process_count=None, seed=None):
   ds = grain.MapDataset.source(_source(config))
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(augmentation(config), seed=seed + 1)
-  ds = ds[pi::pc]
+  ds = HostBlocks(ds, config.train.batch_size, pi, pc)
   workers = config.data.num_workers
   # Threads decode in parallel even in-process: PIL releases the GIL while decoding/resizing.
   ds = ds.to_iter_dataset(
