@@ -1,6 +1,10 @@
 """The trainer on tiny configs: frozen teacher, sharded = single-device, resume = uninterrupted,
 NaN stop, refusals of impossible configs."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from tiny import tiny_config
 
-from triplane3d import checkpoint, sharding, train
+from triplane3d import checkpoint, convert, sharding, train
 from triplane3d.data import pipeline
 
 
@@ -152,5 +156,17 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   config = tiny_config(
     data_dir, **{'decoder.kind': 'conv', 'loss.dist_weight': 0.0, 'train.num_steps': 2}
   )
-  result = train.run(config, str(tmp_path / 'conv'))
+  workdir = str(tmp_path / 'conv')
+  result = train.run(config, workdir)
   assert result['step'] == 2 and all(np.isfinite(v) for v in result['losses'].values())
+  # The trained backbone exports to official DINOv2 keys and loads back unchanged.
+  out = str(tmp_path / 'backbone.pth')
+  subprocess.run(
+    [sys.executable, '-m', 'triplane3d.convert.export', f'--workdir={workdir}', f'--out={out}'],
+    check=True,
+    env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  )
+  again = convert.load_dinov2(out, 'vit_tiny14')
+  want = result['state']['params']['backbone']
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), b)

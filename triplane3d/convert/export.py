@@ -1,6 +1,9 @@
 """Export a (fine-tuned) backbone back to DINOv2's official PyTorch format.
 
-The result loads into the official `dinov2_vit*14` hub models with `load_state_dict` and into
+  python -m triplane3d.convert.export --workdir=DIR --out=vitb14_3dprior.pth [--step=N]
+
+takes the student backbone from a training run's latest (or given) checkpoint. The result
+loads into the official `dinov2_vit*14` hub models with `load_state_dict` and into
 `triplane3d.convert.load_dinov2`: the round trip is lossless because the 37×37 positional table
 is the parameter (never a resized copy).
 """
@@ -47,3 +50,47 @@ def save_dinov2(params: dict, path: str) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
+  """The student backbone params (numpy) of a training run's checkpoint (latest by default)."""
+  import orbax.checkpoint as ocp
+
+  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(f'no finished checkpoint under {root}; is --workdir a training run?')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} under {root}; have {steps}.')
+  path = os.path.join(root, str(step), 'state')
+  ckptr = ocp.StandardCheckpointer()
+  # Read onto one local device whatever mesh wrote it (the tree metadata gives the shapes).
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree_util.tree_map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
+  )
+  state = ckptr.restore(path, target)
+  return jax.tree_util.tree_map(np.asarray, state['params']['backbone'])
+
+
+def main(argv):
+  from absl import flags, logging
+
+  del argv
+  f = flags.FLAGS
+  params = backbone_from_checkpoint(f.workdir, f.step)
+  save_dinov2(params, f.out)
+  logging.info('wrote %s (%d tensors)', f.out, len(to_dinov2_state_dict(params)))
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+
+  flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
+  flags.DEFINE_string('out', None, 'Output .pth or .safetensors file.', required=True)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  app.run(main)
