@@ -8,9 +8,10 @@ ImageNet-1k train (TFDS `imagenet2012`, ArrayRecord) joined with its precomputed
 256×256 renders with 16 + 16 samples per ray, Adam at a constant 1e-4, global batch 512 for
 10 epochs (25,022 steps). L = 0.1 L_rgb + L_depth + L_dist + 1e-3 L_norm.
 
-Hardware: a v4-64 / v5e-64 slice or 8×H100 (data × fsdp over all devices; raise mesh.fsdp
-if the per-device batch does not fit). Budget roughly a day on a v4-64. The backbone is
-expected to move ImageNet-R 63.3 → 65.9 and ImageNet-Sketch 50.6 → 52.4 (paper, linear probe).
+Hardware: a TPU slice or GPU node with data × fsdp over all devices (raise mesh.fsdp if the
+per-device batch does not fit). Wall time not yet measured by us; the paper trained 10 epochs
+on ImageNet-1k. The backbone is expected to move ImageNet-R 63.3 → 65.9 and ImageNet-Sketch
+50.6 → 52.4 (paper, linear probe).
 """
 
 from triplane3d.configs import common

@@ -4,8 +4,8 @@
     --config.model.init_from=facebook/dinov2-large --config.data.data_dir=TFDS_DIR
 
 Same recipe as vitb.py. The student, its Adam state and the frozen teacher are sharded over
-`mesh.fsdp` (4 by default here) so they fit 16 GiB-HBM chips; about two days on a v4-64.
-Check the fit before launch with the AOT compile of launch/ (TPU memory analysis).
+`mesh.fsdp` (4 by default here) to fit chips with 16 GiB of HBM. Wall time and the per-chip
+fit are not yet measured by us.
 """
 
 from triplane3d.configs import common

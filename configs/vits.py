@@ -4,7 +4,8 @@
     --config.model.init_from=facebook/dinov2-small --config.data.data_dir=TFDS_DIR
 
 Same recipe as vitb.py (ImageNet-1k + pseudo depth, 224 px, 256² renders, 16 + 16 samples,
-Adam 1e-4, batch 512, 10 epochs). Fits a v4-32 / 4×A100 comfortably; about half a day there.
+Adam 1e-4, batch 512, 10 epochs). Needs roughly half the memory and compute of ViT-B; wall
+time not yet measured by us.
 """
 
 from triplane3d.configs import common

@@ -1,6 +1,7 @@
 """The trainer on tiny configs: frozen teacher, sharded = single-device, resume = uninterrupted,
 NaN stop, refusals of impossible configs."""
 
+import json
 import os
 import subprocess
 import sys
@@ -170,3 +171,25 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   want = result['state']['params']['backbone']
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_init_from_dinov2_checkpoint(data_dir, tmp_path):
+  """The student starts from the loaded weights and the teacher is those same weights."""
+  from triplane3d.models import vit
+
+  model = vit.create('vit_tiny14')
+  weights = vit.init_params(model, jax.random.key(42), 28)
+  path = str(tmp_path / 'dinov2_tiny.safetensors')
+  convert.save_dinov2(weights, path)
+  frozen = (('backbone/.*', 0.0), ('.*', 1.0))  # Keep the backbone at the loaded weights.
+  config = tiny_config(
+    data_dir, **{'model.init_from': path, 'train.num_steps': 1, 'optim.lr_mults': frozen}
+  )
+  workdir = tmp_path / 'init'
+  result = train.run(config, str(workdir))
+  for a, b in zip(
+    jax.tree.leaves(weights), jax.tree.leaves(result['state']['params']['backbone']), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
+  assert json.loads(line)['dist'] == 0.0  # Student == teacher: identical representations.
