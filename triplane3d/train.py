@@ -125,7 +125,7 @@ def run(config, workdir: str) -> dict:
   )
   restored = ckpt.restore_latest(sharding.abstract_with_shardings(abstract, state_sh), data_iter)
   loaded = None
-  if config.model.init_from:
+  if config.model.init_from and (use_teacher or not restored):
     loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
   if restored:
     start, state = restored

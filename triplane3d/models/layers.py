@@ -1,4 +1,4 @@
-"""Layer constructors shared by the decoders: every parameter gets logical axis names.
+"""Layer constructors shared by the models: every parameter gets logical axis names.
 
 Vocabulary (mapped to mesh axes by triplane3d/sharding.py): 'embed' transformer / decoder
 widths, 'mlp' MLP hidden, 'heads' and 'kv' attention heads and head_dim, 'channels' conv

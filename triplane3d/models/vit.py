@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from triplane3d.models import layers
 from triplane3d.models import pos_embed as pos_lib
 
 Dtype = Any
@@ -47,17 +48,6 @@ def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, na
     param_dtype=jnp.float32,
     kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
-    name=name,
-  )
-
-
-def _layer_norm(dtype: Dtype, name: str):
-  return nn.LayerNorm(
-    epsilon=1e-6,
-    dtype=dtype,
-    param_dtype=jnp.float32,
-    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
     name=name,
   )
 
@@ -147,9 +137,11 @@ class Block(nn.Module):
       ffn = SwiGLU(swiglu_hidden(d, self.mlp_ratio), self.dtype, name='mlp')
     else:
       ffn = Mlp(int(d * self.mlp_ratio), self.dtype, name='mlp')
-    y = Attention(self.num_heads, self.dtype, name='attn')(_layer_norm(self.dtype, 'norm1')(x))
+    y = Attention(self.num_heads, self.dtype, name='attn')(
+      layers.layer_norm('norm1', self.dtype)(x)
+    )
     x = x + self._drop(LayerScale(self.layerscale_init, name='ls1')(y), deterministic)
-    y = ffn(_layer_norm(self.dtype, 'norm2')(x))
+    y = ffn(layers.layer_norm('norm2', self.dtype)(x))
     return x + self._drop(LayerScale(self.layerscale_init, name='ls2')(y), deterministic)
 
   def _drop(self, y, deterministic):
@@ -216,7 +208,7 @@ class DinoViT(nn.Module):
       )
       for i in range(self.depth)
     ]
-    self.norm = _layer_norm(self.dtype, 'norm')
+    self.norm = layers.layer_norm('norm', self.dtype)
 
   def _positional(self, h: int, w: int) -> jax.Array:
     """The (1, 1 + h·w, D) float32 positional embedding for an h×w patch grid."""
