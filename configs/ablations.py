@@ -7,7 +7,8 @@
 - no_distill: L_dist dropped (no teacher).
 - scratch: random backbone, no distillation.
 - subset100k / subset500k: a fixed random subset of ImageNet, with the same number of steps
-  as the full 10-epoch run (25,022 at batch 512).
+  as the full 10-epoch run (25,020 at batch 512; if you change train.batch_size on the command
+  line, also set train.num_steps = 10 * (1281167 // batch_size)).
 
 Hardware and time as configs/vitb.py (no_triplane is ~2× faster: no rendering).
 """
@@ -21,7 +22,8 @@ def get_config(arg: str = 'no_triplane'):
   c = common.get_base_config()
   c.model.variant = 'vitb14'
   c.model.init_from = 'facebook/dinov2-base'
-  full_run_steps = c.train.num_epochs * IMAGENET_TRAIN // c.train.batch_size
+  # What train.num_epochs gives on the full set (the trainer drops partial batches).
+  full_run_steps = c.train.num_epochs * (IMAGENET_TRAIN // c.train.batch_size)
   if arg == 'no_triplane':
     c.decoder.kind = 'conv'
     c.loss.norm_weight = 0.0

@@ -124,6 +124,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.train.image_every_steps = 1000
   c.train.ckpt_every_steps = 1000
   c.train.keep_ckpts = 3
+  # Multi-host: how often hosts agree on a preemption signal (a small blocking collective).
+  c.train.preempt_sync_every_steps = 10
 
   # Parallelism: a (data, fsdp) mesh. -1 takes whatever devices remain.
   c.mesh = mlc.ConfigDict()

@@ -6,7 +6,7 @@
 ImageNet-1k train (TFDS `imagenet2012`, ArrayRecord) joined with its precomputed pseudo depth
 (`imagenet2012_depth`, made by `python -m triplane3d.data.precompute_depth`), 224 px input,
 256×256 renders with 16 + 16 samples per ray, Adam at a constant 1e-4, global batch 512 for
-10 epochs (25,022 steps). L = 0.1 L_rgb + L_depth + L_dist + 1e-3 L_norm.
+10 epochs (25,020 steps). L = 0.1 L_rgb + L_depth + L_dist + 1e-3 L_norm.
 
 Hardware: a TPU slice or GPU node with data × fsdp over all devices (raise mesh.fsdp if the
 per-device batch does not fit). Wall time not yet measured by us; the paper trained 10 epochs

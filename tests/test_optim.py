@@ -1,5 +1,6 @@
 """Learning-rate schedules, clipping and parameter groups of `triplane3d.optim`."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
@@ -27,15 +28,43 @@ def test_schedules():
   assert float(cos(110)) == pytest.approx(0.0, abs=1e-9)
 
 
+def _first_moments(opt_state):
+  """Adam's mu leaves by parameter path (mu = (1 - b1)·g after one step)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+    name = jax.tree_util.keystr(path)
+    if '.mu' in name:
+      out[name.split('.mu')[1]] = np.asarray(leaf)
+  return out
+
+
 def test_groups_multipliers_and_clipping():
   params = {'backbone': {'w': jnp.ones(3)}, 'decoder': {'w': jnp.ones(3)}}
   grads = {'backbone': {'w': jnp.full(3, 10.0)}, 'decoder': {'w': jnp.full(3, 10.0)}}
   cfg = _cfg(lr_mults=(('backbone/.*', 0.1), ('.*', 1.0)), grad_clip_norm=1.0)
   tx, _ = optim.create(cfg, params, 10)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  # Adam's first step is lr·sign(g) whatever the clipping; the backbone gets a tenth.
+  updates, state = tx.update(grads, tx.init(params), params)
+  # Adam's first step is lr·sign(g); the backbone gets a tenth.
   np.testing.assert_allclose(updates['decoder']['w'], -1e-3, rtol=1e-4)
   np.testing.assert_allclose(updates['backbone']['w'], -1e-4, rtol=1e-4)
+  # The clipped gradient (global norm 1 over both groups) is what Adam's mu saw.
+  mu = _first_moments(state)
+  for v in mu.values():
+    np.testing.assert_allclose(v, 0.1 * 10 / np.sqrt(600), rtol=1e-5)
+
+
+def test_frozen_groups_neither_move_nor_count_for_clipping():
+  params = {'backbone': {'w': jnp.ones(3)}, 'decoder': {'w': jnp.ones(3)}}
+  grads = {'backbone': {'w': jnp.full(3, 1e3)}, 'decoder': {'w': jnp.full(3, 10.0)}}
+  cfg = _cfg(lr_mults=(('backbone/.*', 0.0), ('.*', 1.0)), grad_clip_norm=1.0)
+  tx, _ = optim.create(cfg, params, 10)
+  updates, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates['backbone']['w'], 0.0)
+  (mu,) = _first_moments(state).values()  # No Adam statistics for the frozen group.
+  np.testing.assert_allclose(mu, 0.1 * 10 / np.sqrt(300), rtol=1e-5)
+  masked = optim.trainable_mask(cfg)(grads)
+  np.testing.assert_array_equal(masked['backbone']['w'], 0.0)
+  np.testing.assert_array_equal(masked['decoder']['w'], 10.0)
 
 
 def test_adamw_decays_weights():
@@ -50,3 +79,5 @@ def test_bad_settings():
     optim.schedule(_cfg(schedule='step'), 10)
   with pytest.raises(ValueError, match=r"optim.name must be 'adam' or 'adamw'"):
     optim.create(_cfg(name='sgd'), {'w': jnp.ones(1)}, 10)
+  with pytest.raises(ValueError, match=r"has no effect with Adam; use optim.name='adamw'"):
+    optim.create(_cfg(weight_decay=0.1), {'w': jnp.ones(1)}, 10)

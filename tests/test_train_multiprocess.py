@@ -1,4 +1,5 @@
-"""Real multi-host training (2 processes × 4 CPU devices, jax.distributed + gloo), and a
+"""Real multi-host training (2 processes × 4 CPU devices, jax.distributed + gloo, fsdp across
+both), and a
 SIGTERM during a real `python -m triplane3d.main` run."""
 
 import json

@@ -56,6 +56,16 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
   return labels, mults
 
 
+def trainable_mask(optim_cfg):
+  """A function zeroing the frozen (multiplier 0) leaves of a params-shaped tree."""
+
+  def apply(tree):
+    labels, _ = group_labels(tree, optim_cfg.lr_mults)
+    return jax.tree.map(lambda x, lab: x * 0 if lab == 'frozen' else x, tree, labels)
+
+  return apply
+
+
 def create(
   optim_cfg, params, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -64,6 +74,11 @@ def create(
   labels, mults = group_labels(params, optim_cfg.lr_mults)
   if optim_cfg.name not in ('adam', 'adamw'):
     raise ValueError(f"optim.name must be 'adam' or 'adamw', got {optim_cfg.name!r}.")
+  if optim_cfg.name == 'adam' and optim_cfg.weight_decay:
+    raise ValueError(
+      f'optim.weight_decay={optim_cfg.weight_decay} has no effect with Adam; use '
+      "optim.name='adamw' (decoupled decay) or set it to 0."
+    )
 
   def group(mult: float) -> optax.GradientTransformation:
     parts = [optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2)]
@@ -76,5 +91,9 @@ def create(
   transforms['frozen'] = optax.set_to_zero()
   tx = optax.multi_transform(transforms, labels)
   if optim_cfg.grad_clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
+    # Clip on the trainable gradients only: frozen ones would shrink the others' updates.
+    freeze = optax.multi_transform(
+      {'frozen': optax.set_to_zero(), **{g: optax.identity() for g in mults}}, labels
+    )
+    tx = optax.chain(freeze, optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
   return tx, sched

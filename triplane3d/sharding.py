@@ -5,10 +5,11 @@ different slice of it); big weights are additionally split over 'fsdp' along the
 failing that, 'mlp') dimension, so parameters, optimiser state and the teacher each take
 1/fsdp of their replicated memory. Everything else is replicated.
 
-Model code names axes logically (`nn.with_logical_partitioning(init, ('embed', 'mlp'))`,
-`nn.with_logical_constraint(x, ('act_batch', 'tokens', 'embed'))`) and never mentions mesh
-axes; `RULES` below is the one place that maps the two. The trainer runs the model under
-`with nn.logical_axis_rules(RULES):` so activation constraints resolve against the same table.
+Model code names parameter axes logically (`nn.with_logical_partitioning(init, ('embed',
+'mlp'))`) and never mentions mesh axes; `RULES` below is the one place that maps the two.
+Activations are kept split over the batch by explicit constraints with `batch_sharding(mesh)`
+(`Prior3D.act_sharding`): flax's `with_logical_constraint` needs a global mesh, under which
+flax also constrains DenseGeneral's flattened kernels during init checks, which fails.
 
 Typical use (shapes: `batch_bhwc` has its leading dim split over data×fsdp):
 
@@ -64,7 +65,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   anything is compiled, with a message naming the fields and the device count.
 
   Axis types are `Auto` on purpose: the trainer jits with explicit in/out shardings and lets
-  the compiler propagate shardings through the model (plus `with_logical_constraint` hints).
+  the compiler propagate shardings through the model (plus batch-sharding constraints).
   `Explicit` axes (jax.make_mesh's default) would put shardings into the types and require
   every op in the model to agree on them, which linen layers do not do.
 

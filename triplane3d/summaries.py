@@ -7,11 +7,12 @@ grey levels from near (white) to far (black).
 
 from __future__ import annotations
 
+import io
 import json
-import os
 
 import jax
 import numpy as np
+from etils import epath
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -19,34 +20,40 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class Writer:
-  """Scalars to TensorBoard and `<workdir>/metrics.jsonl`; images to TensorBoard and PNG."""
+  """Scalars to TensorBoard and `<workdir>/metrics.jsonl`; images to TensorBoard and PNG.
+
+  Paths go through `etils.epath`, so a `gs://` workdir works for the JSON lines and PNGs
+  (TensorBoard event files on GCS need tensorboardX's cloud support installed).
+  """
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
-    self.workdir = workdir
+    self.workdir = epath.Path(workdir)
     self._tb = None
     if self.active:
       from tensorboardX import SummaryWriter
 
-      os.makedirs(os.path.join(workdir, 'images'), exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      (self.workdir / 'images').mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(str(self.workdir / 'tb'))
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.active:
       return
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
-    with open(os.path.join(self.workdir, 'metrics.jsonl'), 'a') as f:
+    with (self.workdir / 'metrics.jsonl').open('a') as f:
       f.write(json.dumps({'step': step, **{k: float(v) for k, v in values.items()}}) + '\n')
 
   def image(self, step: int, grid_hw3: np.ndarray) -> str | None:
     """Writes a uint8 (H, W, 3) grid; returns the PNG path (process 0) or None."""
     if not self.active:
       return None
-    path = os.path.join(self.workdir, 'images', f'step_{step:07d}.png')
-    Image.fromarray(grid_hw3).save(path)
+    path = self.workdir / 'images' / f'step_{step:07d}.png'
+    buf = io.BytesIO()
+    Image.fromarray(grid_hw3).save(buf, format='PNG')
+    path.write_bytes(buf.getvalue())
     self._tb.add_image('reconstructions', grid_hw3, step, dataformats='HWC')
-    return path
+    return str(path)
 
   def flush(self) -> None:
     if self.active:

@@ -11,7 +11,6 @@ render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 
 from triplane3d import checkpoint, convert, losses, optim, sharding, summaries
 from triplane3d.data import pipeline
@@ -51,7 +51,7 @@ def _global_put(tree: Any, shardings: Any) -> Any:
 
 def build(config, mesh):
   """Model, optimiser, schedule, abstract state and shardings (no arrays allocated)."""
-  model = Prior3D.from_config(config)
+  model = Prior3D.from_config(config, act_sharding=sharding.batch_sharding(mesh))
   num_steps = num_train_steps(config)
   rng = jax.random.key(config.seed)
   boxed = jax.eval_shape(model.init, rng)
@@ -67,9 +67,14 @@ def build(config, mesh):
   return model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps
 
 
-def make_train_step(model: Prior3D, tx, sched, config, base_key):
-  """The un-jitted step: (state, teacher, batch) → (new state, metrics)."""
+def make_train_step(model: Prior3D, tx, sched, config, base_key, use_teacher: bool):
+  """The un-jitted step: (state, teacher, batch) → (new state, metrics).
+
+  `teacher` is the frozen backbone's params (an empty dict without distillation); it is an
+  input of the step, never an argument of the differentiated function.
+  """
   use_drop = config.model.drop_path_rate > 0
+  trainable = optim.trainable_mask(config.optim)
 
   def train_step(state, teacher, batch):
     step = state['step']
@@ -77,7 +82,7 @@ def make_train_step(model: Prior3D, tx, sched, config, base_key):
 
     def loss_fn(params):
       h = model.representation(params['backbone'], batch['image'], rng=k_drop if use_drop else None)
-      h_t = model.representation(teacher, batch['image']) if teacher else None
+      h_t = model.representation(teacher, batch['image']) if use_teacher else None
       recon = model.reconstruct(params, h, k_render)
       return losses.objective(recon, batch, h, h_t, config.loss)
 
@@ -88,10 +93,37 @@ def make_train_step(model: Prior3D, tx, sched, config, base_key):
       'params': optax.apply_updates(state['params'], updates),
       'opt_state': opt_state,
     }
-    metrics = {**terms, 'grad_norm': optax.tree.norm(grads), 'lr': sched(step)}
+    # The norm of what the optimiser sees (frozen groups excluded), as clipping does.
+    grad_norm = optax.tree.norm(trainable(grads))
+    metrics = {**terms, 'grad_norm': grad_norm, 'lr': sched(step)}
     return new_state, metrics
 
   return train_step
+
+
+def jit_train_step(model, tx, sched, config, base_key, mesh, state_sh, param_sh, use_teacher):
+  """`make_train_step` under jit with explicit shardings; the state is donated.
+
+  Inside, the model keeps activations split over the batch (`Prior3D.act_sharding`).
+  """
+  return jax.jit(
+    make_train_step(model, tx, sched, config, base_key, use_teacher),
+    in_shardings=(
+      state_sh,
+      param_sh['backbone'] if use_teacher else {},
+      sharding.batch_sharding(mesh),
+    ),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
+
+
+def _check_intervals(config) -> None:
+  for name in ('log_every_steps', 'image_every_steps', 'ckpt_every_steps'):
+    if config.train[name] <= 0:
+      raise ValueError(
+        f'train.{name} must be a positive number of steps, got {config.train[name]}.'
+      )
 
 
 def run(config, workdir: str) -> dict:
@@ -102,9 +134,10 @@ def run(config, workdir: str) -> dict:
      'preempted': whether a signal stopped the run early, 'images': PNG paths written,
      'state': the final train state (sharded jax.Arrays)}.
   """
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config = config.copy_and_resolve_references()
   config.workdir = workdir
+  _check_intervals(config)
 
   # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
   mesh = sharding.make_mesh(config.mesh)
@@ -118,12 +151,39 @@ def run(config, workdir: str) -> dict:
   model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps = build(config, mesh)
   use_teacher = config.loss.dist_weight > 0
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  step_fn = jit_train_step(model, tx, sched, config, k_train, mesh, state_sh, param_sh, use_teacher)
+  visualize = jax.jit(
+    lambda params, images: model.reconstruct(
+      params, model.representation(params['backbone'], images), jax.random.key(0), full=True
+    ),
+    out_shardings=sharding.replicated(mesh),
+  )
 
-  # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
   ckpt = checkpoint.Checkpointer(
     workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
   )
-  restored = ckpt.restore_latest(sharding.abstract_with_shardings(abstract, state_sh), data_iter)
+  # Multi-host preemption agreement is a (tiny) blocking collective: not every step.
+  guard = checkpoint.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
+  writer = summaries.Writer(workdir)
+  with ckpt, guard:
+    try:
+      # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
+      state, teacher, start = _init_or_restore(
+        config, model, init_state, abstract, state_sh, param_sh, ckpt, data_iter, k_init
+      )
+      # 5 + 6. The loop.
+      return _loop(
+        config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
+        ckpt, guard, writer,
+      )  # fmt: skip
+    finally:
+      writer.close()
+
+
+def _init_or_restore(config, model, init_state, abstract, state_sh, param_sh, ckpt, it, k_init):
+  """(state, teacher, start step): the latest checkpoint, else a fresh (or DINOv2) init."""
+  use_teacher = config.loss.dist_weight > 0
+  restored = ckpt.restore_latest(sharding.abstract_with_shardings(abstract, state_sh), it)
   loaded = None
   if config.model.init_from and (use_teacher or not restored):
     loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
@@ -144,27 +204,12 @@ def run(config, workdir: str) -> dict:
       teacher = jax.jit(lambda k: unbox(model.init(k))['backbone'], out_shardings=teacher_sh)(
         k_init
       )
+  return state, teacher, start
 
-  # 5. The step: explicit shardings, the state donated.
-  step_fn = jax.jit(
-    make_train_step(model, tx, sched, config, k_train),
-    in_shardings=(
-      state_sh,
-      param_sh['backbone'] if use_teacher else {},
-      sharding.batch_sharding(mesh),
-    ),
-    out_shardings=(state_sh, sharding.replicated(mesh)),
-    donate_argnums=0,
-  )
-  visualize = jax.jit(
-    lambda params, images: model.reconstruct(
-      params, model.representation(params['backbone'], images), jax.random.key(0), full=True
-    ),
-    out_shardings=sharding.replicated(mesh),
-  )
 
-  # 6. The loop.
-  writer = summaries.Writer(workdir)
+def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
+          ckpt, guard, writer) -> dict:  # fmt: skip
+  """Steps from `start` to `num_steps`: log, draw, checkpoint, stop on preemption or NaN."""
   result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
   vis = None
   pending = None  # (step, device metrics) of the last dispatched step, checked one step late.
@@ -172,6 +217,7 @@ def run(config, workdir: str) -> dict:
   t_window, n_window = time.perf_counter(), 0
   bar = _progress(start, num_steps)
   camera = model.options.camera
+  train_cfg = config.train
 
   def drain():
     """Fetches the pending step's metrics, refusing NaN/Inf before anything is saved."""
@@ -191,8 +237,6 @@ def run(config, workdir: str) -> dict:
     window.append(host)
 
   def save_images(step):
-    if vis is None:
-      return
     out = visualize(state['params'], vis['image'])
     r = model.options.resolution
     grid = summaries.reconstruction_grid(
@@ -208,17 +252,18 @@ def run(config, workdir: str) -> dict:
     if path:
       result['images'].append(path)
 
-  with ckpt, checkpoint.PreemptionGuard() as guard:
+  try:
     step = start
     while step < num_steps:
       batch = pipeline.to_global(next(data_iter), mesh)
-      if vis is None:
+      if vis is None:  # The first batch of this run supplies the examples drawn in grids.
         vis = jax.jit(
           lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
           out_shardings=sharding.replicated(mesh),
         )(batch)
         if start == 0:
           save_images(0)
+        t_window = time.perf_counter()
       state, metrics = step_fn(state, teacher, batch)
       drain()  # The previous step's metrics, while this step runs.
       pending = (step + 1, metrics)
@@ -226,28 +271,30 @@ def run(config, workdir: str) -> dict:
       n_window += 1
       stop = guard.should_stop(step)
       last = step == num_steps
-      if step % config.train.log_every_steps == 0 or last or stop:
+      if step % train_cfg.log_every_steps == 0 or last or stop:
         drain()
         dt = time.perf_counter() - t_window
         means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        means['images_per_sec'] = n_window * config.train.batch_size / max(dt, 1e-9)
+        means['images_per_sec'] = n_window * train_cfg.batch_size / max(dt, 1e-9)
         writer.scalars(step, means)
         bar.update(step, means)
         window.clear()
-        t_window, n_window = time.perf_counter(), 0
-      if step % config.train.image_every_steps == 0 or last:
+        n_window = 0
+      if step % train_cfg.image_every_steps == 0 or last:
         save_images(step)
-      if stop or last or step % config.train.ckpt_every_steps == 0:
+      if stop or last or step % train_cfg.ckpt_every_steps == 0:
         drain()
         ckpt.save(step, state, data_iter, force=stop or last)
+      if n_window == 0:  # A log step just ended: time the next window from here, after any
+        t_window = time.perf_counter()  # image or checkpoint work.
       if stop:
         logging.warning('preempted: saved step %d, exiting cleanly.', step)
         result['preempted'] = True
         break
     result['step'] = step
+  finally:
+    bar.close()
   result['state'] = state
-  bar.close()
-  writer.close()
   return result
 
 

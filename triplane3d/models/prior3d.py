@@ -35,12 +35,17 @@ class Prior3D:
   options: render.RenderOptions
   img_size: int
   num_layers_h: int = 4
+  act_sharding: Any = None  # Sharding of (B, ...) activations (batch over data × fsdp).
 
   @classmethod
-  def from_config(cls, config) -> Prior3D:
+  def from_config(cls, config, act_sharding=None) -> Prior3D:
     m = config.model
     backbone = vit.create(
-      m.variant, dtype=jnp.dtype(m.dtype), remat=m.remat, drop_path_rate=m.drop_path_rate
+      m.variant,
+      dtype=jnp.dtype(m.dtype),
+      remat=m.remat,
+      drop_path_rate=m.drop_path_rate,
+      act_sharding=act_sharding,
     )
     camera = render.Camera.from_config(config.camera)
     if config.decoder.kind == 'triplane':
@@ -56,7 +61,13 @@ class Prior3D:
       options=render.RenderOptions.from_config(config.render, camera),
       img_size=int(m.img_size),
       num_layers_h=int(m.num_layers_h),
+      act_sharding=act_sharding,
     )
+
+  def _constrain(self, x):
+    if self.act_sharding is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, self.act_sharding)
 
   @property
   def num_tokens(self) -> int:
@@ -92,7 +103,7 @@ class Prior3D:
       method='get_intermediate_layers',
     )
     tokens = [jnp.concatenate([cls[:, None], patch], axis=1) for patch, cls in layers]
-    return jnp.concatenate(tokens, axis=-1)
+    return self._constrain(jnp.concatenate(tokens, axis=-1))
 
   def reconstruct(self, params, h, key, *, full: bool = False) -> dict[str, jax.Array]:
     """Decodes h and renders: rgb (B, n, 3), depth (B, n, 1), densities (B, n, k) (triplane
@@ -113,6 +124,7 @@ class Prior3D:
         'ray_indices': idx.astype(jnp.int32),
       }
     planes = self.decoder.apply({'params': params['decoder']}, h)
+    planes = self._constrain(planes)
     out = render.render_batch(planes, params['mlp'], key, decode_fn=point_mlp, options=opts)
     return {
       'rgb': out.rgb,

@@ -169,6 +169,9 @@ class DinoViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
+  # Optional sharding of activations (B, ...) between blocks, e.g. the batch over data × fsdp;
+  # keeps FSDP from trading batch sharding for weight-stationary layouts. None: no constraint.
+  act_sharding: Any = None
 
   def setup(self):
     d = self.width
@@ -241,6 +244,8 @@ class DinoViT(nn.Module):
   def _run_blocks(self, x, stop: int, deterministic: bool) -> list[jax.Array]:
     outs = []
     for blk in self.blocks[:stop]:
+      if self.act_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, self.act_sharding)
       x = blk(x, deterministic)
       outs.append(x)
     return outs
