@@ -5,6 +5,7 @@ runs. Any config field can be overridden with `--config.section.field=value`; an
 is an error.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -52,9 +53,22 @@ def _init_distributed():
     jax.distributed.initialize()
 
 
+_NOISY = ('/orbax/', '/grain/', '/etils/', '/tensorflow_datasets/', '/jax/_src/xla_bridge')
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax and grain (every save logs dozens of lines), so the
+  progress bar and our own messages stay readable; their warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    noisy = any(p in record.pathname for p in _NOISY)
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
