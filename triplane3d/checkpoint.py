@@ -47,6 +47,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from triplane3d import sharding
+
 STATE, DATA = 'state', 'data'
 
 
@@ -184,14 +186,6 @@ def _as_abstract(x: Any) -> Any:
   return x
 
 
-def _key_str(k: Any) -> str:
-  # orbax metadata turns NamedTuple fields and tuple indices into plain keys; compare names.
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   out = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -199,7 +193,8 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
       # Typed PRNG keys are stored as their raw key data (e.g. shape (2,) for threefry).
       leaf = jax.eval_shape(jax.random.key_data, leaf)
-    out['/'.join(_key_str(k) for k in path)] = tuple(np.shape(leaf))
+    # orbax metadata turns NamedTuple fields and tuple indices into plain keys: compare names.
+    out[sharding.path_str(path)] = tuple(np.shape(leaf))
   return out
 
 

@@ -13,6 +13,8 @@ import re
 import jax
 import optax
 
+from triplane3d import sharding
+
 
 def schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Learning rate per step: constant (paper) or cosine to 0, after an optional linear warm-up."""
@@ -28,18 +30,13 @@ def schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def path_str(path) -> str:
-  """'/'-joined names of a pytree key path."""
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
-
-
 def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
   """Labels every parameter with its group; returns (label tree, label → multiplier)."""
   rules = [(re.compile(pat), float(mult)) for pat, mult in lr_mults]
   unmatched = []
 
   def label(path, _):
-    name = path_str(path)
+    name = sharding.path_str(path)
     for i, (pat, mult) in enumerate(rules):
       if pat.fullmatch(name):
         return 'frozen' if mult == 0 else f'group{i}'

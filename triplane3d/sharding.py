@@ -217,6 +217,15 @@ def _path(path: Sequence[Any]) -> tuple[Any, ...]:
   return tuple(_key_name(k) for k in path)
 
 
+def path_str(path: Sequence[Any]) -> str:
+  """'/'-joined names of a pytree key path ('params/backbone/blocks_0/attn/qkv/kernel').
+
+  Dict keys, attribute names and sequence indices all become plain names, so the same leaf
+  reads the same whether the path comes from a live tree or from orbax metadata.
+  """
+  return '/'.join(str(n) for n in _path(path))
+
+
 def state_shardings(abstract_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
   """Shardings for a whole train state (params, optimiser state, step, rng, ...).
 
