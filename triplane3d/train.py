@@ -145,7 +145,9 @@ def run(config, workdir: str) -> dict:
   logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
 
   # 2. Data: this host's share, checkpointable.
-  data_iter = pipeline.create(config)
+  data_iter = pipeline.create(
+    config, process_index=pipeline.host_block(mesh, config.train.batch_size)
+  )
 
   # 3. Model, optimiser, abstract state, shardings.
   model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps = build(config, mesh)

@@ -112,6 +112,27 @@ def augmentation(config) -> transforms.DecodeAugment:
   )
 
 
+def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', 'fsdp')) -> int:
+  """Which contiguous block of each global batch this process's devices hold.
+
+  `make_array_from_process_local_data` places a host's rows wherever the mesh puts its
+  devices; reading that off the batch sharding (rather than assuming block = process index)
+  keeps the global batch identical to the single-process one on any device layout.
+  """
+  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  sh = NamedSharding(mesh, PartitionSpec(axes or None))
+  rows = [idx[0] for idx in sh.addressable_devices_indices_map((global_batch,)).values()]
+  lo = min(r.start or 0 for r in rows)
+  hi = max(global_batch if r.stop is None else r.stop for r in rows)
+  b = global_batch // jax.process_count()
+  if hi - lo != b or lo % b:
+    raise ValueError(
+      f'this process holds batch rows [{lo}, {hi}) of {global_batch}, not one block of {b}; '
+      'use a mesh whose batch axes give every process a contiguous share.'
+    )
+  return lo // b
+
+
 def create(config, *, process_index=None, process_count=None, seed=None):
   """An endless, checkpointable iterator over this host's training batches.
 
@@ -129,7 +150,9 @@ def create(config, *, process_index=None, process_count=None, seed=None):
   Args:
     config: the experiment config (`data`, `depth`, `camera`, `model.img_size`,
       `render.resolution`, `train.batch_size`, `seed`).
-    process_index, process_count: this host's share (default: jax.process_index/count()).
+    process_index, process_count: this host's share (default: jax.process_index/count());
+      `process_index` is the block of each global batch the host reads: pass `host_block(mesh,
+      batch)` so rows land where the mesh puts this host's devices.
     seed: shuffling / augmentation seed (default: `config.seed`).
 
   Returns:
