@@ -145,9 +145,16 @@ def run(config, workdir: str) -> dict:
   logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
 
   # 2. Data: this host's share, checkpointable.
-  data_iter = pipeline.create(
-    config, process_index=pipeline.host_block(mesh, config.train.batch_size)
-  )
+  block = pipeline.host_block(mesh, config.train.batch_size)
+  data_iter = pipeline.create(config, process_index=block)
+  # The examples drawn in image grids: the first batch of a fresh, in-process iterator, so
+  # grids show the same examples across resumes.
+  vis_config = config.copy_and_resolve_references()
+  vis_config.data.num_workers = 0
+  vis = jax.jit(
+    lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
+    out_shardings=sharding.replicated(mesh),
+  )(pipeline.to_global(next(pipeline.create(vis_config, process_index=block)), mesh))
 
   # 3. Model, optimiser, abstract state, shardings.
   model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps = build(config, mesh)
@@ -176,7 +183,7 @@ def run(config, workdir: str) -> dict:
       # 5 + 6. The loop.
       return _loop(
         config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-        ckpt, guard, writer,
+        vis, ckpt, guard, writer,
       )  # fmt: skip
     finally:
       writer.close()
@@ -210,10 +217,9 @@ def _init_or_restore(config, model, init_state, abstract, state_sh, param_sh, ck
 
 
 def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-          ckpt, guard, writer) -> dict:  # fmt: skip
+          vis, ckpt, guard, writer) -> dict:  # fmt: skip
   """Steps from `start` to `num_steps`: log, draw, checkpoint, stop on preemption or NaN."""
   result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
-  vis = None
   pending = None  # (step, device metrics) of the last dispatched step, checked one step late.
   window: list[dict] = []
   t_window, n_window = time.perf_counter(), 0
@@ -255,17 +261,12 @@ def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_st
       result['images'].append(path)
 
   try:
+    if start == 0:
+      save_images(0)
+    t_window = time.perf_counter()
     step = start
     while step < num_steps:
       batch = pipeline.to_global(next(data_iter), mesh)
-      if vis is None:  # The first batch of this run supplies the examples drawn in grids.
-        vis = jax.jit(
-          lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
-          out_shardings=sharding.replicated(mesh),
-        )(batch)
-        if start == 0:
-          save_images(0)
-        t_window = time.perf_counter()
       state, metrics = step_fn(state, teacher, batch)
       drain()  # The previous step's metrics, while this step runs.
       pending = (step + 1, metrics)
