@@ -110,3 +110,35 @@ def test_gradients_match_finite_differences():
     jax.test_util.check_grads(
       jax.jit(f), (jnp.asarray(colors), jnp.asarray(densities)), order=1, modes=['rev'], eps=1e-6
     )
+
+
+@pytest.mark.parametrize('raw', [-20.0, -40.0, -60.0, -80.0])
+def test_nearly_empty_rays_have_finite_gradients_and_exact_depth(raw):
+  """Regression: at raw ≈ -60 the accumulated weight is ~1e-27 > 0 and the gradient of the
+  normalised depth overflowed float32 into NaN, which stopped training runs."""
+  k = 6
+  depths = jnp.linspace(1.5, 2.5, k)[:, None]
+  colors = jnp.full((k, 3), 0.5)
+  raws = jnp.full((k,), raw) + jnp.linspace(0.0, 1.0, k)
+
+  def depth_of(r):
+    return raymarch(colors, r[:, None], depths)[1].sum()
+
+  g = jax.grad(depth_of)(raws)
+  assert np.all(np.isfinite(np.asarray(g)))
+  # The value still follows the equations (weighted mean of midpoints, or far if no weight).
+  d = np.asarray(depths[:, 0], np.float64)
+  r = np.asarray(raws, np.float64)
+  mid_r, mid_d, delta = (r[1:] + r[:-1]) / 2, (d[1:] + d[:-1]) / 2, np.diff(d)
+  sigma = np.logaddexp(0.0, mid_r - 1.0) * delta
+  w = -np.expm1(-sigma) * np.exp(-(np.cumsum(sigma) - sigma))
+  want = (w * mid_d).sum() / w.sum()
+  np.testing.assert_allclose(float(depth_of(raws)), want, rtol=1e-5)
+
+
+def test_empty_rays_render_far_without_gradient():
+  depths = jnp.linspace(1.5, 2.5, 6)[:, None]
+  raws = jnp.full((6,), -200.0)  # softplus underflows: no weight at all in float32.
+  depth_of = lambda r: raymarch(jnp.full((6, 3), 0.5), r[:, None], depths)[1].sum()  # noqa: E731
+  assert float(depth_of(raws)) == 2.5
+  np.testing.assert_array_equal(np.asarray(jax.grad(depth_of)(raws)), 0.0)

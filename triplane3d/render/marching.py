@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Below this accumulated weight a ray's depth carries no gradient (see `raymarch`).
+_MIN_TOTAL_FOR_GRAD = 1e-12
+
 
 def activate_density(raw: jnp.ndarray) -> jnp.ndarray:
   """The density activation of EG3D's marcher: softplus(raw - 1). Any shape."""
@@ -51,10 +54,16 @@ def raymarch(
 
   rgb = jnp.sum(weights * colors_mid, axis=-2)
   total = jnp.sum(weights, axis=-2)
-  # Safe division: the +inf branch must not produce NaN gradients through the other branch.
+  weighted = jnp.sum(weights * depths_mid, axis=-2)
   has_weight = total > 0
-  depth = jnp.sum(weights * depths_mid, axis=-2) / jnp.where(has_weight, total, 1.0)
-  depth = jnp.where(has_weight, depth, jnp.inf)
+  exact = jnp.where(has_weight, weighted / jnp.where(has_weight, total, 1.0), jnp.inf)
+  # The forward value is exact for any positive total, but the gradient of the mean has 1/total²
+  # terms that overflow float32 for (almost) empty rays (total ~ 1e-27 once raw densities
+  # reach about -60) and turn into NaN. Such rays keep their depth without a gradient; the
+  # guarded division keeps the untaken branch finite too.
+  well = total > _MIN_TOTAL_FOR_GRAD
+  with_grad = weighted / jnp.where(well, total, 1.0)
+  depth = jnp.where(well, with_grad, jax.lax.stop_gradient(exact))
   depth = jnp.clip(depth, jnp.min(depths, axis=-2), jnp.max(depths, axis=-2))
   if white_background:
     rgb = rgb + 1.0 - total
