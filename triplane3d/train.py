@@ -236,10 +236,11 @@ def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_st
     pending = None
     host = {k: float(v) for k, v in jax.device_get(m).items()}
     if not (math.isfinite(host['total']) and math.isfinite(host['grad_norm'])):
+      last = ckpt.latest_step
+      kept = f'the last good checkpoint is step {last}' if last else 'no checkpoint was written'
       raise NonFiniteLossError(
-        f'non-finite loss at step {s}: {host}. Stopped without saving this state; the last '
-        f'good checkpoint is step {ckpt.latest_step}. Lower optim.lr, enable '
-        'optim.grad_clip_norm, or check the data.'
+        f'non-finite loss at step {s}: {host}. Stopped without saving this state; {kept}. '
+        'Lower optim.lr, enable optim.grad_clip_norm, or check the data.'
       )
     result['losses'][s] = host['total']
     window.append(host)
