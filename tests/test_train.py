@@ -113,7 +113,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
 
   monkeypatch.setattr(train, 'make_train_step', poisoned)
   workdir = str(tmp_path / 'nan')
-  with pytest.raises(train.NonFiniteLossError, match=r'non-finite loss at step 3.*last good checkpoint is step 2'):
+  with pytest.raises(
+    train.NonFiniteLossError, match=r'non-finite loss at step 3.*last good checkpoint is step 2'
+  ):
     train.run(tiny_config(data_dir, **{'train.num_steps': 6}), workdir)
   with checkpoint.Checkpointer(workdir) as ckpt:
     assert ckpt.all_steps() == [2]
