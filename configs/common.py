@@ -37,6 +37,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.decoder.up_channels = (256, 128, 64)  # One ×2 upsampling block each: 16 → 128.
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
   c.decoder.dtype = 'bfloat16'
+  # 'camera': the cross-attention starts local, each plane cell attending to the patches it
+  # projects to under the fixed camera (models/attention_prior.py). 'none': the paper.
+  c.decoder.attention_prior = 'none'
 
   # Volume rendering (SPEC.md §3).
   c.render = mlc.ConfigDict()
@@ -58,12 +61,16 @@ def get_base_config() -> mlc.ConfigDict:
   c.camera.fy = 1.5
   c.camera.cx = 0.5
   c.camera.cy = 0.5
+  # Scene depths (targets, synthetic scenes) lie in [near, far]; rays are sampled over
+  # [near - margin, far + margin] so that depth at `far` is reachable (render/camera.py).
   c.camera.near = 1.5
   c.camera.far = 2.5
+  c.camera.margin = 0.1
   c.camera.position = (0.0, 0.0, 0.0)
   c.camera.rotation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
   c.camera.box_center = (0.0, 0.0, 2.0)
-  c.camera.box_size = 1.0
+  # The frustum must stay inside the box (checked at start-up): see render/camera.py.
+  c.camera.box_size = 2.0
 
   # How pseudo depth is mapped into [camera.near, camera.far].
   c.depth = mlc.ConfigDict()
@@ -100,6 +107,13 @@ def get_base_config() -> mlc.ConfigDict:
   c.data.num_workers = 8  # grain worker processes per host; 0 reads in the main process.
   c.data.prefetch = 2
   c.data.max_bad_fraction = 0.001  # Stop if more than this fraction of images is corrupt.
+
+  # Reconstruction quality on held-out scenes (synthetic source only): scenes
+  # [num_synthetic, num_synthetic + num_heldout) of the same generator, never trained on,
+  # rendered whole and compared with the trivial baselines (evaluate/reconstruction.py) at
+  # every image step and at the end. 0 disables.
+  c.eval = mlc.ConfigDict()
+  c.eval.num_heldout = 0
 
   # Optimisation.
   c.optim = mlc.ConfigDict()

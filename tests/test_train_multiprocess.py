@@ -112,6 +112,11 @@ def test_demo_command_leaves_checkpoints_logs_and_pngs(tmp_path):
     'step_0000000.png', 'step_0000002.png', 'step_0000003.png'
   ]  # fmt: skip
   assert _steps_logged(workdir) == [1, 2, 3]
+  # Held-out reconstruction numbers beside the trivial baselines, printed and in the log.
+  last = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[-1])
+  keys = ('psnr', 'depth_abs', 'baseline_psnr', 'baseline_depth_abs')
+  assert {f'heldout/{k}' for k in keys} <= set(last), last
+  assert 'held-out PSNR' in done.stdout.decode() + done.stderr.decode()
 
 
 def test_unknown_config_field_is_an_error(tmp_path):

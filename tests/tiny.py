@@ -23,6 +23,7 @@ def tiny_config(data_dir: str, **overrides):
   c.data.data_dir = data_dir
   c.data.num_synthetic = 32
   c.data.num_workers = 0
+  c.eval.num_heldout = 0
   c.train.batch_size = 8
   c.train.num_steps = 4
   c.train.log_every_steps = 1

@@ -151,16 +151,9 @@ class Checkpointer:
 
   def _check_tree(self, step: int, abstract_state: Any) -> None:
     """Compares paths and shapes of the saved tree with the expected one, before reading."""
-    saved = _shapes(self._manager.item_metadata(step)[STATE])
-    want = _shapes(abstract_state)
-    missing = sorted(set(want) - set(saved))
-    extra = sorted(set(saved) - set(want))
-    shapes = sorted(p for p in set(want) & set(saved) if want[p] != saved[p])
-    if not (missing or extra or shapes):
+    lines = _mismatches(_shapes(self._manager.item_metadata(step)[STATE]), _shapes(abstract_state))
+    if not lines:
       return
-    lines = [f'  missing from the checkpoint: {p} (expected shape {want[p]})' for p in missing]
-    lines += [f'  only in the checkpoint: {p} (shape {saved[p]})' for p in extra]
-    lines += [f'  shape mismatch: {p}: expected {want[p]}, found {saved[p]}' for p in shapes]
     raise ValueError(
       f'Checkpoint {self.directory / str(step)} does not match the state this run builds '
       f'({len(lines)} problems):\n'
@@ -178,6 +171,92 @@ class Checkpointer:
     """Waits for pending saves and releases the manager's threads."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def restore_params(
+  workdir: str | epath.PathLike, step: int | None = None, config: Any = None
+) -> tuple[int, dict]:
+  """The model parameters of a run's checkpoint, on one device, for tools outside the trainer.
+
+  Reads only the 'params' subtree ({'backbone', 'decoder'[, 'mlp']}) of
+  `<workdir>/checkpoints/<step>/state`, not the optimiser state, onto the first local device
+  whatever mesh wrote it. Unlike `Checkpointer`, it never writes to the workdir (no directory
+  creation, no clean-up of unfinished saves), so it is safe beside a run that is still
+  training. One process only.
+
+  Args:
+    workdir: the training run's directory (local or gs://).
+    step: the checkpoint step; None: the latest finished one.
+    config: the run's config, optional. When given, the saved parameter tree is checked
+      against the one `Prior3D.from_config(config)` builds (a ValueError names every
+      differing path) and arrays are read in that model's dtypes.
+
+  Returns:
+    `(step, params)`: the step read and the parameter pytree of jax.Arrays.
+
+  Raises:
+    FileNotFoundError: no finished checkpoint under `workdir`, or none for `step`.
+    ValueError: `config` builds a different parameter tree than the one saved.
+  """
+  root = epath.Path(workdir).absolute() / 'checkpoints'
+  steps = sorted(ocp.utils.checkpoint_steps(root)) if root.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(
+      f'no finished checkpoint under {root}; is {workdir} a training run that saved one?'
+    )
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'no checkpoint for step {step} under {root}; have steps {steps}.')
+  path = root / str(step) / STATE
+  # The handler rather than a Checkpointer: the item directory has no step-level metadata
+  # file (the CheckpointManager keeps that one level up), which a Checkpointer warns about.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(path)
+    saved = getattr(meta, 'tree', meta)['params']
+    if config is None:
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+    else:
+      from triplane3d.models.prior3d import Prior3D, unbox
+
+      model = Prior3D.from_config(config)
+      abstract = unbox(jax.eval_shape(model.init, jax.random.key(0)))
+      lines = _mismatches(_shapes(saved), _shapes(abstract))
+      if lines:
+        raise ValueError(
+          f'Checkpoint {path} does not hold the parameters this config builds '
+          f'({len(lines)} problems):\n'
+          + '\n'.join(lines[:50])
+          + ('\n  ...' if len(lines) > 50 else '')
+          + '\nUse the config (and the --config.* overrides) the run was trained with.'
+        )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restore_args = jax.tree.map(
+      lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype),
+      abstract,
+    )
+    restored = handler.restore(
+      path,
+      args=ocp.args.PyTreeRestore(
+        item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True
+      ),
+    )
+  finally:
+    handler.close()
+  logging.info('Restored the parameters of step %d from %s.', step, path)
+  return step, restored['params']
+
+
+def _mismatches(saved: dict, want: dict) -> list[str]:
+  """One line per difference between two `_shapes` dicts (empty when they agree)."""
+  missing = sorted(set(want) - set(saved))
+  extra = sorted(set(saved) - set(want))
+  shapes = sorted(p for p in set(want) & set(saved) if want[p] != saved[p])
+  lines = [f'  missing from the checkpoint: {p} (expected shape {want[p]})' for p in missing]
+  lines += [f'  only in the checkpoint: {p} (shape {saved[p]})' for p in extra]
+  lines += [f'  shape mismatch: {p}: expected {want[p]}, found {saved[p]}' for p in shapes]
+  return lines
 
 
 def _as_abstract(x: Any) -> Any:

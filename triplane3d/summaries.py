@@ -1,22 +1,65 @@
 """What a run leaves for people to look at: TensorBoard events, metrics.jsonl, PNG grids.
 
 Only process 0 writes. Image grids show, per example, one row of
-input | rendered RGB | rendered depth | target RGB | target depth; depths are drawn in
-grey levels from near (white) to far (black).
+input | rendered RGB | rendered depth | target RGB | target depth under a header row naming
+the columns. Renders are small (32 px in the demo), so every tile is enlarged by an integer
+nearest-neighbour factor to at least `MIN_TILE` pixels: pixels stay sharp squares instead of
+being smoothed into something the model did not produce. Depths are drawn with `colorize_depth`
+(a viridis-like colour map over the camera's fixed [near, far], the same in every grid, so
+grids of different steps compare), explained by a colour bar on the right.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 
 import jax
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+MIN_TILE = 128  # Smallest side, in pixels, of a tile in a grid.
+COLUMNS = ('input', 'RGB', 'depth', 'target RGB', 'target depth')
+
+# Viridis (van der Walt & Smith, matplotlib's default colour map; released under CC0): its
+# public 256-entry table sampled at 17 evenly spaced points and rounded to 8 bits, so these are
+# approximate values. Linear interpolation between them stays within 6/255 of the full table
+# per channel, and the luminance still rises monotonically from the first colour to the last
+# (dark = near, bright = far), which keeps depth order readable in grey-scale prints too.
+_VIRIDIS_ANCHORS = np.asarray(
+  [
+    (68, 1, 84),
+    (72, 24, 106),
+    (71, 45, 123),
+    (66, 64, 134),
+    (59, 82, 139),
+    (51, 99, 141),
+    (44, 114, 142),
+    (38, 130, 142),
+    (33, 145, 140),
+    (31, 159, 136),
+    (39, 173, 129),
+    (61, 188, 116),
+    (92, 200, 99),
+    (129, 211, 77),
+    (170, 220, 50),
+    (213, 226, 26),
+    (253, 231, 37),
+  ],
+  np.float64,
+)
+_INVALID = (0, 0, 0)  # Colour of NaN / Inf depths: black is not on the map.
+
+# Grid layout, in pixels.
+_GAP = 4  # Between tiles, and between the tiles and the colour bar.
+_BAR_WIDTH = 16
+_PAD = 4  # Around text.
+_BACKGROUND = (255, 255, 255)
+_TEXT = (0, 0, 0)
 
 
 class Writer:
@@ -64,40 +107,121 @@ class Writer:
       self._tb.close()
 
 
-def _resize(img_hwc: np.ndarray, size: int) -> np.ndarray:
-  """Nearest-neighbour resize of a float (h, w, c) image to (size, size, c)."""
-  h, w = img_hwc.shape[:2]
-  rows = (np.arange(size) * h // size).clip(0, h - 1)
-  cols = (np.arange(size) * w // size).clip(0, w - 1)
-  return img_hwc[rows][:, cols]
+def colorize_depth(depth, near: float, far: float) -> np.ndarray:
+  """Depth (H, W) or (H, W, 1) in scene units → uint8 (H, W, 3) viridis-like colours.
+
+  `near` maps to the map's first (darkest) colour and `far` to its last (brightest); depths
+  outside [near, far] are clipped to the ends, and NaN / Inf are drawn black. Pass the camera's
+  fixed near / far (not the image's own range) so colours mean the same depth everywhere.
+  """
+  if not far > near:
+    raise ValueError(f'colorize_depth needs far > near, got near={near}, far={far}.')
+  d = np.asarray(depth, np.float64)
+  if d.ndim == 3 and d.shape[-1] == 1:
+    d = d[..., 0]
+  if d.ndim != 2:
+    raise ValueError(f'depth must be (H, W) or (H, W, 1), got shape {np.shape(depth)}.')
+  finite = np.isfinite(d)
+  t = np.clip((np.where(finite, d, near) - near) / (far - near), 0.0, 1.0)
+  xs = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
+  rgb = np.stack([np.interp(t, xs, _VIRIDIS_ANCHORS[:, c]) for c in range(3)], axis=-1)
+  rgb[~finite] = _INVALID
+  return np.round(rgb).astype(np.uint8)
+
+
+def upscale(image_hwc: np.ndarray, min_side: int = MIN_TILE) -> np.ndarray:
+  """Nearest-neighbour enlargement by the smallest integer factor giving sides >= `min_side`.
+
+  (H, W, C) → (k·H, k·W, C) with k = ceil(min_side / min(H, W)) (k = 1 when already large
+  enough); every source pixel becomes a k × k block.
+  """
+  image_hwc = np.asarray(image_hwc)
+  k = max(1, math.ceil(min_side / min(image_hwc.shape[:2])))
+  return np.repeat(np.repeat(image_hwc, k, axis=0), k, axis=1)
+
+
+def _to_uint8(image_hwc) -> np.ndarray:
+  """Float image in [0, 1] (values outside are clipped) → uint8."""
+  return np.round(np.clip(np.asarray(image_hwc, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _fit(image_hw3: np.ndarray, size: int) -> np.ndarray:
+  """A uint8 (h, w, 3) image resized to (size, size, 3): nearest up, area-average down."""
+  if image_hw3.shape[:2] == (size, size):
+    return image_hw3
+  up = min(image_hw3.shape[:2]) <= size
+  method = Image.Resampling.NEAREST if up else Image.Resampling.BOX
+  return np.asarray(Image.fromarray(image_hw3).resize((size, size), method))
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str) -> tuple[int, int]:
+  left, top, right, bottom = draw.textbbox((0, 0), text)
+  return right - left, bottom - top
 
 
 def reconstruction_grid(
   images_bhw3, rgb_brr3, depth_brr1, target_rgb, target_depth, near: float, far: float
 ) -> np.ndarray:
-  """One row per example: input | RGB | depth | target RGB | target depth → uint8 (H, W, 3).
+  """Header row + one row per example: input | RGB | depth | target RGB | target depth.
+
+  Tiles are the renders enlarged by an integer nearest-neighbour factor to at least
+  `MIN_TILE` px (the input is resized to the same side); depths use `colorize_depth` over
+  [near, far], and a colour bar with near / far labelled sits right of the rows.
 
   Args:
     images_bhw3: backbone inputs, ImageNet-normalised (B, S, S, 3).
     rgb_brr3, depth_brr1: the full renders (B, R, R, 3), (B, R, R, 1).
     target_rgb, target_depth: the targets, same shapes.
-    near, far: the depth range for the grey scale.
+    near, far: the camera's depth range (scene units), the ends of the colour map.
+
+  Returns:
+    uint8 (H, W, 3) with H = header + B · tile + (B − 1) · gap, tile = k · R >= `MIN_TILE`.
   """
+  rgb_brr3 = np.asarray(rgb_brr3)
   r = rgb_brr3.shape[1]
-
-  def grey(d):
-    g = 1.0 - (np.asarray(d, np.float32) - near) / (far - near)
-    return np.repeat(np.clip(g, 0, 1), 3, axis=-1)
-
+  tile = r * max(1, math.ceil(MIN_TILE / r))  # What `upscale` makes of an R × R render.
   rows = []
-  for i in range(images_bhw3.shape[0]):
-    inp = np.clip(np.asarray(images_bhw3[i]) * IMAGENET_STD + IMAGENET_MEAN, 0, 1)
+  for i in range(rgb_brr3.shape[0]):
+    inp = np.asarray(images_bhw3[i], np.float32) * IMAGENET_STD + IMAGENET_MEAN
     tiles = [
-      _resize(inp, r),
-      np.clip(np.asarray(rgb_brr3[i]), 0, 1),
-      grey(depth_brr1[i]),
-      np.asarray(target_rgb[i]),
-      grey(target_depth[i]),
+      _fit(_to_uint8(inp), tile),
+      upscale(_to_uint8(rgb_brr3[i])),
+      upscale(colorize_depth(depth_brr1[i], near, far)),
+      upscale(_to_uint8(target_rgb[i])),
+      upscale(colorize_depth(target_depth[i], near, far)),
     ]
-    rows.append(np.concatenate(tiles, axis=1))
-  return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    rows.append(tiles)
+
+  probe = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  text_h = max(_text_size(probe, s)[1] for s in (*COLUMNS, '0.0'))
+  header = text_h + 2 * _PAD
+  near_label, far_label = f'near {near:.3g}', f'far {far:.3g}'
+  label_w = max(_text_size(probe, s)[0] for s in (near_label, far_label)) + 2 * _PAD
+  n = len(rows)
+  body_w = len(COLUMNS) * tile + (len(COLUMNS) - 1) * _GAP
+  body_h = n * tile + (n - 1) * _GAP
+  width = body_w + _GAP + _BAR_WIDTH + label_w
+  canvas = np.full((header + body_h, width, 3), _BACKGROUND, np.uint8)
+
+  for r, tiles in enumerate(rows):
+    top = header + r * (tile + _GAP)
+    for c, t in enumerate(tiles):
+      left = c * (tile + _GAP)
+      canvas[top : top + tile, left : left + tile] = t
+
+  # The colour bar spans the rows: far (last colour) at the top, near at the bottom.
+  ramp = np.linspace(far, near, body_h)[:, None].repeat(_BAR_WIDTH, axis=1)
+  canvas[header:, body_w + _GAP : body_w + _GAP + _BAR_WIDTH] = colorize_depth(ramp, near, far)
+
+  image = Image.fromarray(canvas)
+  draw = ImageDraw.Draw(image)
+  for c, name in enumerate(COLUMNS):
+    w, _ = _text_size(draw, name)
+    left, top = draw.textbbox((0, 0), name)[:2]  # The default font draws below its origin.
+    x = c * (tile + _GAP) + (tile - w) // 2 - left
+    draw.text((x, _PAD - top), name, fill=_TEXT)
+  label_x = body_w + _GAP + _BAR_WIDTH + _PAD
+  top = draw.textbbox((0, 0), far_label)[1]
+  draw.text((label_x, header - top), far_label, fill=_TEXT)
+  draw.text((label_x, header + body_h - text_h - top), near_label, fill=_TEXT)
+  return np.asarray(image)

@@ -23,6 +23,7 @@ from etils import epath
 
 from triplane3d import checkpoint, convert, losses, optim, sharding, summaries
 from triplane3d.data import pipeline
+from triplane3d.evaluate import reconstruction
 from triplane3d.models.prior3d import Prior3D, unbox
 
 NUM_VIS = 4  # Examples in each image grid.
@@ -168,6 +169,17 @@ def run(config, workdir: str) -> dict:
     out_shardings=sharding.replicated(mesh),
   )
 
+  heldout_eval = None
+  if config.eval.num_heldout > 0:
+    heldout = reconstruction.heldout_scenes(config)
+    render_fn = jax.jit(
+      lambda p, x: reconstruction.render_full(model, p, x), out_shardings=sharding.replicated(mesh)
+    )
+
+    def heldout_eval(params):
+      put = lambda x: jax.device_put(x, sharding.replicated(mesh))  # noqa: E731
+      return reconstruction.evaluate_heldout(lambda p, x: render_fn(p, put(x)), params, heldout)
+
   ckpt = checkpoint.Checkpointer(
     workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
   )
@@ -183,7 +195,7 @@ def run(config, workdir: str) -> dict:
       # 5 + 6. The loop.
       return _loop(
         config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-        vis, ckpt, guard, writer,
+        vis, ckpt, guard, writer, heldout_eval=heldout_eval,
       )  # fmt: skip
     finally:
       writer.close()
@@ -217,8 +229,13 @@ def _init_or_restore(config, model, init_state, abstract, state_sh, param_sh, ck
 
 
 def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-          vis, ckpt, guard, writer) -> dict:  # fmt: skip
-  """Steps from `start` to `num_steps`: log, draw, checkpoint, stop on preemption or NaN."""
+          vis, ckpt, guard, writer, heldout_eval=None) -> dict:  # fmt: skip
+  """Steps from `start` to `num_steps`: log, draw, checkpoint, stop on preemption or NaN.
+
+  `heldout_eval(params) -> metrics` (optional) runs at every image step after the first and
+  at the end; its numbers are printed and join that step's line of metrics.jsonl as
+  `heldout/<name>` (each step keeps one line); the last ones go into the result.
+  """
   result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
   pending = None  # (step, device metrics) of the last dispatched step, checked one step late.
   window: list[dict] = []
@@ -275,16 +292,24 @@ def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_st
       n_window += 1
       stop = guard.should_stop(step)
       last = step == num_steps
-      if step % train_cfg.log_every_steps == 0 or last or stop:
+      image_step = step % train_cfg.image_every_steps == 0 or last
+      evaluate = heldout_eval is not None and image_step
+      if step % train_cfg.log_every_steps == 0 or last or stop or evaluate:
         drain()
         dt = time.perf_counter() - t_window
         means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
         means['images_per_sec'] = n_window * train_cfg.batch_size / max(dt, 1e-9)
-        writer.scalars(step, means)
+        heldout = {}
+        if evaluate:
+          result['heldout'] = heldout_eval(state['params'])
+          heldout = {f'heldout/{k}': v for k, v in result['heldout'].items()}
+          if jax.process_index() == 0:
+            tqdm_write(f'step {step}: held-out {reconstruction.describe(result["heldout"])}')
+        writer.scalars(step, {**means, **heldout})
         bar.update(step, means)
         window.clear()
         n_window = 0
-      if step % train_cfg.image_every_steps == 0 or last:
+      if image_step:
         save_images(step)
       if stop or last or step % train_cfg.ckpt_every_steps == 0:
         drain()
@@ -300,6 +325,14 @@ def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_st
     bar.close()
   result['state'] = state
   return result
+
+
+def tqdm_write(line: str) -> None:
+  """Prints above the progress bar (and to the log)."""
+  from tqdm import tqdm
+
+  tqdm.write(line)
+  logging.info(line)
 
 
 class _progress:

@@ -38,7 +38,7 @@ def test_demo_config_shapes_axes_and_dtypes():
   assert_logically_partitioned(variables)
   params = nn.unbox(variables)['params']
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
-  assert params['embeddings'].shape == (3 * 8 * 8, 64)
+  assert params['embeddings'].shape == (3 * 16 * 16, 64)
   planes = jax.jit(model.apply)(variables, h)
   assert planes.shape == (2, 3, 32, 32, 16) and planes.dtype == jnp.float32
   assert np.all(np.isfinite(planes))

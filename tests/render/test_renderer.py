@@ -90,8 +90,9 @@ def np_render(planes, params, origins, dirs, jitter, u, opts):
     return rgb.reshape(*t.shape, 3), raw.reshape(t.shape)
 
   kc = opts.num_coarse
-  delta = (cam.far - cam.near) / (kc - 1)
-  t = cam.near + np.arange(kc) * delta + jitter * delta
+  start, end = cam.sample_range  # [near - margin, far + margin].
+  delta = (end - start) / (kc - 1)
+  t = start + np.arange(kc) * delta + jitter * delta
   rgb, raw = query(t)
   _, _, w, _ = np_march(rgb, raw, t, False)
   # EG3D: blur-pool, +0.01, all midpoints as bins with weights[1:-1].
@@ -116,7 +117,7 @@ def make_scene(seed, channels=4, res=8, hidden=8):
   planes = jax.random.normal(k1, (3, res, res, channels))
   params = nn.unbox(jax.jit(PointMLP(hidden).init)(k2, jnp.zeros((1, channels))))['params']
   # A positive density bias so that the scene is neither empty nor fully opaque.
-  params['out']['bias'] = params['out']['bias'].at[0].set(3.0)
+  params['out']['bias'] = params['out']['bias'].at[0].set(2.5)
   return planes, params
 
 
@@ -131,7 +132,11 @@ render_rays_jit = jax.jit(render_rays, static_argnames=('decode_fn', 'options'))
 decode64 = functools.partial(point_mlp, dtype=jnp.float64)
 
 
-OPTS = RenderOptions(resolution=6, num_coarse=8, num_fine=6, chunk=0)
+# A unit box (the random test scene is half opaque in it) and a sampling margin, so that the
+# reference also checks that samples span [near - margin, far + margin].
+OPTS = RenderOptions(
+  resolution=6, num_coarse=8, num_fine=6, chunk=0, camera=Camera(box_size=1.0, margin=0.1)
+)
 
 
 @pytest.mark.parametrize(

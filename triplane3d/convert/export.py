@@ -54,27 +54,10 @@ def save_dinov2(params: dict, path: str) -> None:
 
 def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
   """The student backbone params (numpy) of a training run's checkpoint (latest by default)."""
-  import orbax.checkpoint as ocp
+  from triplane3d import checkpoint
 
-  root = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-  if not steps:
-    raise FileNotFoundError(f'no finished checkpoint under {root}; is --workdir a training run?')
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise FileNotFoundError(f'no checkpoint for step {step} under {root}; have {steps}.')
-  path = os.path.join(root, str(step), 'state')
-  ckptr = ocp.StandardCheckpointer()
-  # Read onto one local device whatever mesh wrote it (the tree metadata gives the shapes).
-  meta = ckptr.metadata(path)
-  meta = getattr(meta, 'item_metadata', meta)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree_util.tree_map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta
-  )
-  state = ckptr.restore(path, target)
-  return jax.tree_util.tree_map(np.asarray, state['params']['backbone'])
+  _, params = checkpoint.restore_params(workdir, step)
+  return jax.tree_util.tree_map(np.asarray, params['backbone'])
 
 
 def main(argv):

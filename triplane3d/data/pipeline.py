@@ -112,6 +112,13 @@ def augmentation(config) -> transforms.DecodeAugment:
   )
 
 
+def whole_image_transform(config) -> transforms.DecodeAugment:
+  """`augmentation` without augmenting: the whole image, no flip (evaluation, reconstruct)."""
+  t = augmentation(config)
+  t.crop_scale, t.crop_ratio, t.flip = (1.0, 1.0), (1.0, 1.0), False
+  return t
+
+
 def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', 'fsdp')) -> int:
   """Which contiguous block of each global batch this process's devices hold.
 

@@ -49,7 +49,15 @@ class Prior3D:
     )
     camera = render.Camera.from_config(config.camera)
     if config.decoder.kind == 'triplane':
-      decoder, mlp = TriplaneDecoder.from_config(config.decoder), PointMLP(config.render.mlp_hidden)
+      prior = config.decoder.attention_prior
+      if prior not in ('none', 'camera'):
+        raise ValueError(f"decoder.attention_prior must be 'none' or 'camera', got {prior!r}.")
+      decoder = TriplaneDecoder.from_config(
+        config.decoder,
+        prior_camera=camera if prior == 'camera' else None,
+        plane_axes=str(config.render.plane_axes),
+      )
+      mlp = PointMLP(config.render.mlp_hidden)
     elif config.decoder.kind == 'conv':
       decoder, mlp = ConvDecoder.from_config(config), None
     else:

@@ -18,6 +18,7 @@ function it applies, and exactly what the renderer takes as `decode_fn` with
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from triplane3d.models.attention_prior import camera_attention_bias
 from triplane3d.models.layers import conv, dense, layer_norm
+from triplane3d.render.camera import Camera
 
 Dtype = Any
 _part = nn.with_logical_partitioning
@@ -98,7 +101,8 @@ class CrossAttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, h):
+  def __call__(self, x, h, bias=None):
+    """`bias`: optional additive attention-logit bias (Q, N), shared by heads and batch."""
     d = x.shape[-1]
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}.')
@@ -108,7 +112,7 @@ class CrossAttentionBlock(nn.Module):
     q = dense(head, 'embed', ('heads', 'kv'), 'query', self.dtype)(q_in)
     k = dense(head, 'embed', ('heads', 'kv'), 'key', self.dtype)(kv_in)
     v = dense(head, 'embed', ('heads', 'kv'), 'value', self.dtype)(kv_in)
-    attn = nn.dot_product_attention(q, k, v, dtype=self.dtype)
+    attn = nn.dot_product_attention(q, k, v, bias=bias, dtype=self.dtype)
     x = x + dense(d, ('heads', 'kv'), ('embed',), 'out', self.dtype, axis=(-2, -1))(attn)
     y = layer_norm('norm_mlp', self.dtype)(x)
     y = dense(self.mlp_ratio * d, 'embed', ('mlp',), 'fc1', self.dtype)(y)
@@ -139,6 +143,10 @@ class TriplaneDecoder(nn.Module):
     up_channels: one upsampling block per entry (U of them); the three planes share weights.
     plane_channels: C, the final 1×1 projection (no activation: features may be negative).
     dtype: computation dtype (parameters stay float32).
+    prior_camera: with a camera, the cross-attention starts local: a plane cell attends to the
+      patches it projects to (`attention_prior.camera_attention_bias`); None: the paper's
+      decoder.
+    plane_axes: the renderer's plane order ('xyz' / 'eg3d'), for the prior.
   """
 
   width: int = 512
@@ -148,10 +156,13 @@ class TriplaneDecoder(nn.Module):
   up_channels: Sequence[int] = (256, 128, 64)
   plane_channels: int = 32
   dtype: Dtype = jnp.float32
+  prior_camera: Camera | None = None
+  plane_axes: str = 'xyz'
 
   @classmethod
-  def from_config(cls, decoder_cfg) -> TriplaneDecoder:
-    """From the `decoder` config section."""
+  def from_config(cls, decoder_cfg, **kw) -> TriplaneDecoder:
+    """From the `decoder` config section; `kw` sets the fields other sections own (the
+    prior's camera and plane axes, wired by `Prior3D.from_config`)."""
     return cls(
       width=int(decoder_cfg.width),
       num_heads=int(decoder_cfg.num_heads),
@@ -160,6 +171,7 @@ class TriplaneDecoder(nn.Module):
       up_channels=tuple(int(c) for c in decoder_cfg.up_channels),
       plane_channels=int(decoder_cfg.plane_channels),
       dtype=jnp.dtype(decoder_cfg.dtype),
+      **kw,
     )
 
   @property
@@ -177,8 +189,16 @@ class TriplaneDecoder(nn.Module):
     )
     x = jnp.broadcast_to(embeddings.astype(self.dtype), (b, *embeddings.shape))
     h_bne = h_bne.astype(self.dtype)
+    bias = None
+    if self.prior_camera is not None:
+      grid = math.isqrt(h_bne.shape[1] - 1)
+      if grid * grid + 1 != h_bne.shape[1]:
+        raise ValueError(
+          f'the attention prior needs h = cls + a square patch grid, got {h_bne.shape}.'
+        )
+      bias = camera_attention_bias(self.prior_camera, self.plane_axes, l, grid).astype(self.dtype)
     for i in range(self.num_layers):
-      x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne)
+      x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne, bias)
     x = layer_norm('norm', self.dtype)(x)
     # Planes fold into the batch: each is upsampled on its own, with shared weights.
     x = x.reshape(b * 3, l, l, self.width)

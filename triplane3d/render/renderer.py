@@ -50,7 +50,7 @@ class RenderOptions:
     chunk: rays per rematerialised chunk; 0 renders all rays at once (no remat).
     rays_per_image: > 0: render only this many random rays per image (training).
     pdf_search: 'mask' or 'searchsorted' (see pdf.py).
-    camera: the fixed camera (near/far, box and rays come from it).
+    camera: the fixed camera (sample range, box and rays come from it).
   """
 
   resolution: int = 256
@@ -73,7 +73,11 @@ class RenderOptions:
 
   @classmethod
   def from_config(cls, render_cfg, camera: Camera) -> RenderOptions:
-    """From the `render` config section and the one camera (`Camera.from_config`)."""
+    """From the `render` config section and the one camera (`Camera.from_config`).
+
+    A configured camera must keep its whole frustum inside the triplane box (checked here).
+    """
+    camera.check_frustum_in_box()
     return cls(
       resolution=int(render_cfg.resolution),
       num_coarse=int(render_cfg.num_coarse),
@@ -162,7 +166,7 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
   """
   cam = options.camera
   query = functools.partial(_query, planes, mlp_params, origins_n3, dirs_n3)
-  depths = stratified_depths(jitter_nk, cam.near, cam.far)
+  depths = stratified_depths(jitter_nk, *cam.sample_range)
   rgb, raw = query(depths, decode_fn, options)
   if options.num_fine > 0:
     _, _, coarse_w = raymarch(rgb, raw[..., None], depths[..., None])

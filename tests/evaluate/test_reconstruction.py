@@ -1,0 +1,35 @@
+"""The proxy task learns: one scene overfits well past the trivial baselines; metrics are right."""
+
+import numpy as np
+import pytest
+
+from triplane3d.configs import demo
+from triplane3d.evaluate import reconstruction
+
+
+def test_baselines_and_metrics_against_numpy():
+  rng = np.random.default_rng(0)
+  rgb = rng.uniform(size=(3, 8, 8, 3))
+  depth = rng.uniform(1.5, 2.5, size=(3, 8, 8, 1))
+  base = reconstruction.baselines(rgb, depth)
+  mse = [np.mean((rgb[i] - rgb[i].mean(axis=(0, 1))) ** 2) for i in range(3)]
+  assert base['psnr'] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mse]), rel=1e-6)
+  assert base['depth_abs'] == pytest.approx(np.mean(np.abs(depth - depth.mean(0))), rel=1e-6)
+  m = reconstruction.metrics(rgb + 0.1, depth + 0.05, rgb, depth)
+  clipped = np.clip(rgb + 0.1, 0, 1)  # Renders are clipped to [0, 1] before the PSNR.
+  want = np.mean([10 * np.log10(1 / np.mean((clipped[i] - rgb[i]) ** 2)) for i in range(3)])
+  assert m['psnr'] == pytest.approx(want, rel=1e-6)
+  assert m['depth_abs'] == pytest.approx(0.05, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_demo_model_overfits_one_scene():
+  """A looser version of benchmarks/overfit_one_scene.py (which asks for 30 dB / 0.01).
+
+  At 200 steps the demo model reached 21.3 dB / 0.036 on scene 0 against 14.8 dB / 0.065 for
+  the baselines; before the geometry and balance fixes it stayed below both (10.8 dB / 0.063).
+  """
+  result = reconstruction.overfit_scene(demo.get_config(), scene=0, num_steps=200, every=200)
+  last, base = result['curve'][-1], result['baselines']
+  assert last['psnr'] > base['psnr'] + 4.0, (last, base)
+  assert last['depth_abs'] < 0.7 * base['depth_abs'], (last, base)
