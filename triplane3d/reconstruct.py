@@ -43,7 +43,7 @@ from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from triplane3d.models.prior3d import Prior3D
 from triplane3d.models.triplane import point_mlp
 from triplane3d.render.camera import Camera
-from triplane3d.render.renderer import RenderOptions, render_rays
+from triplane3d.render.renderer import RenderOptions, render_image
 
 # The renderer's key for every view: the trainer's image grids use the same one.
 RENDER_SEED = 0
@@ -148,50 +148,23 @@ def render_view(
 ) -> tuple[jax.Array, jax.Array]:
   """Renders one image's triplanes along explicit rays (any camera pose, one compilation).
 
-  `render_image` reads its rays from `options.camera`, a static argument, so every new pose
-  would compile again; here the rays are inputs. Only the sample range and the box are taken
-  from `options.camera`, and turning the camera changes neither. The random draws are the
-  ones `render_image` makes with the same key (per pixel index, from its second subkey), so
-  the configured camera's rays reproduce its render.
+  `render_image` with `rays=`: the pose is an input rather than part of the static options, so
+  every orbit frame shares one compiled function. The configured camera's own rays reproduce
+  the model's render (same key, same per-pixel draws).
 
   Args:
     planes: (3, H, W, C) triplanes of one image; mlp_params: the point decoder's params.
-    origins_n3, dirs_n3: ray origins and unit directions, row-major pixel order.
+    origins_n3, dirs_n3: (R², 3) ray origins and unit directions, row-major pixel order.
     key: as `render_image`'s key.
-    options: rendering settings; `options.chunk` rays are rendered at a time (0: all).
+    options: rendering settings (sample range and box from `options.camera`).
 
   Returns:
-    `(rgb (n, 3), depth (n, 1))`.
+    `(rgb (R², 3), depth (R², 1))`.
   """
-  planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
-  n = origins_n3.shape[0]
-  _, k_draws = jax.random.split(key)
-  draws = jax.vmap(
-    lambda i: jax.random.uniform(jax.random.fold_in(k_draws, i), (options.num_samples,))
-  )(jnp.arange(n, dtype=jnp.int32)).astype(planes.dtype)
-  inputs = (
-    origins_n3.astype(planes.dtype),
-    dirs_n3.astype(planes.dtype),
-    draws[:, : options.num_coarse],
-    draws[:, options.num_coarse :],
+  out = render_image(
+    planes, mlp_params, key, decode_fn=point_mlp, options=options, rays=(origins_n3, dirs_n3)
   )
-  body = functools.partial(render_rays, planes, mlp_params, decode_fn=point_mlp, options=options)
-  chunk = options.chunk
-  if not chunk or chunk >= n:
-    rgb, depth, _, _ = body(*inputs)
-    return rgb, depth
-  # Inference only: chunks bound the memory of the samples, no remat needed. Padding rays
-  # repeat ray 0 and are dropped after.
-  num_chunks = -(-n // chunk)
-  pad = num_chunks * chunk - n
-  chunks = tuple(
-    jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))]).reshape(
-      num_chunks, chunk, *x.shape[1:]
-    )
-    for x in inputs
-  )
-  rgb, depth, _, _ = jax.lax.map(lambda xs: body(*xs), chunks)
-  return rgb.reshape(-1, 3)[:n], depth.reshape(-1, 1)[:n]
+  return out.rgb, out.depth
 
 
 class Reconstructor:

@@ -197,6 +197,7 @@ def render_image(
   decode_fn: DecodeFn,
   options: RenderOptions,
   ray_indices: jnp.ndarray | None = None,
+  rays: tuple[jnp.ndarray, jnp.ndarray] | None = None,
 ) -> RenderOutput:
   """Renders one image from its triplanes (deterministic given `key`).
 
@@ -208,6 +209,9 @@ def render_image(
     options: static settings, `RenderOptions.from_config(cfg.render, camera)`.
     ray_indices: optional (n,) row-major pixel indices to render. Default: a random subset
       of `options.rays_per_image` pixels if that is > 0, else every pixel.
+    rays: optional `(origins (R², 3), dirs (R², 3))` to use instead of the camera's ray table
+      (e.g. novel views: a rotated camera's rays, without compiling again per pose). The sample
+      range and the box still come from `options.camera`.
 
   Returns:
     A `RenderOutput` with n = number of rendered rays (see its docstring).
@@ -222,7 +226,7 @@ def render_image(
       ray_indices = jnp.arange(num_pixels)
   ray_indices = ray_indices.astype(jnp.int32)
   n = ray_indices.shape[0]
-  origins, dirs = ray_table(options.camera, options.resolution)
+  origins, dirs = ray_table(options.camera, options.resolution) if rays is None else rays
   origins = jnp.asarray(origins, planes.dtype)[ray_indices]
   dirs = jnp.asarray(dirs, planes.dtype)[ray_indices]
   # Draws keyed by pixel index: a pixel renders the same whether it is rendered alone, in a
