@@ -4,9 +4,11 @@
   python -m triplane3d.main --config=configs/demo.py --workdir=/tmp/triplane3d_demo
 
 Generates a synthetic-scenes dataset (exact depth) into the workdir on first use, trains a
-tiny randomly initialised ViT + triplane decoder + renderer for a few hundred steps, and
-leaves checkpoints, TensorBoard logs and PNG reconstructions in the workdir. On 2 CPU cores it
-takes a few minutes; reconstructions visibly improve (PSNR rises by several dB).
+tiny randomly initialised ViT + triplane decoder + renderer for 600 steps, and leaves
+checkpoints, TensorBoard logs and PNG reconstructions in the workdir. Every 150 steps it
+renders 64 held-out scenes and prints PSNR and depth error beside trivial baselines.
+Measured on 2 CPU cores: 6 min; held-out 19.8 dB / 0.058 against 18.8 dB (mean colour) /
+0.060 (constant depth) — above both, below the 20 dB / 0.03 we want (docs/reconstruction.md).
 """
 
 from triplane3d.configs import common
@@ -15,7 +17,9 @@ from triplane3d.configs import common
 def get_config():
   c = common.get_base_config()
   c.model.variant = 'vit_tiny14'
-  c.model.img_size = 56
+  # 112 px: 8×8 patches. At 56 px (4×4 patches) held-out reconstructions stayed at the
+  # baselines (docs/reconstruction.md).
+  c.model.img_size = 112
   c.model.dtype = 'float32'
   c.model.remat = False
   c.decoder.width = 64
@@ -26,6 +30,9 @@ def get_config():
   c.decoder.up_channels = (32,)
   c.decoder.plane_channels = 16
   c.decoder.dtype = 'float32'
+  # Attention starts local under the fixed camera (models/attention_prior.py); from scratch
+  # the decoder first learns the dataset's mean shape and sits there.
+  c.decoder.attention_prior = 'camera'
   c.render.resolution = 32
   c.render.num_coarse = 12
   c.render.num_fine = 12
@@ -35,7 +42,9 @@ def get_config():
   c.depth.normalize = 'none'  # Synthetic depth is exact and already in [near, far].
   c.data.num_synthetic = 512
   c.data.num_workers = 0
-  c.data.crop_scale = (0.5, 1.0)
+  # Whole images (flips only): the exact synthetic depth then matches the fixed camera's
+  # geometry. Random-resized crops (0.5–1) gave worse held-out depth (docs/reconstruction.md).
+  c.data.crop_scale = (1.0, 1.0)
   # RGB and depth weighted 1 : 1 (paper: 0.1 : 1). Our depth is in scene units (range 1),
   # so both MSEs have the same scale; at 0.1 : 1 the colour stays near the mean colour
   # (docs/reconstruction.md).
@@ -43,8 +52,8 @@ def get_config():
   c.optim.lr = 1e-3
   c.eval.num_heldout = 64
   c.train.batch_size = 16
-  c.train.num_steps = 300
-  c.train.log_every_steps = 20
-  c.train.image_every_steps = 100
-  c.train.ckpt_every_steps = 100
+  c.train.num_steps = 600
+  c.train.log_every_steps = 25
+  c.train.image_every_steps = 150
+  c.train.ckpt_every_steps = 150
   return c

@@ -162,23 +162,18 @@ def run(config, workdir: str) -> dict:
   use_teacher = config.loss.dist_weight > 0
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
   step_fn = jit_train_step(model, tx, sched, config, k_train, mesh, state_sh, param_sh, use_teacher)
+  # Full deterministic renders (image grids, held-out metrics): (rgb, depth) images.
   visualize = jax.jit(
-    lambda params, images: model.reconstruct(
-      params, model.representation(params['backbone'], images), jax.random.key(0), full=True
-    ),
-    out_shardings=sharding.replicated(mesh),
+    lambda p, x: reconstruction.render_full(model, p, x), out_shardings=sharding.replicated(mesh)
   )
 
   heldout_eval = None
   if config.eval.num_heldout > 0:
     heldout = reconstruction.heldout_scenes(config)
-    render_fn = jax.jit(
-      lambda p, x: reconstruction.render_full(model, p, x), out_shardings=sharding.replicated(mesh)
-    )
 
     def heldout_eval(params):
       put = lambda x: jax.device_put(x, sharding.replicated(mesh))  # noqa: E731
-      return reconstruction.evaluate_heldout(lambda p, x: render_fn(p, put(x)), params, heldout)
+      return reconstruction.evaluate_heldout(lambda p, x: visualize(p, put(x)), params, heldout)
 
   ckpt = checkpoint.Checkpointer(
     workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
@@ -263,12 +258,11 @@ def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_st
     window.append(host)
 
   def save_images(step):
-    out = visualize(state['params'], vis['image'])
-    r = model.options.resolution
+    rgb, depth = visualize(state['params'], vis['image'])
     grid = summaries.reconstruction_grid(
       np.asarray(vis['image']),
-      np.asarray(out['rgb']).reshape(-1, r, r, 3),
-      np.asarray(out['depth']).reshape(-1, r, r, 1),
+      np.asarray(rgb),
+      np.asarray(depth),
       np.asarray(vis['rgb']),
       np.asarray(vis['depth']),
       camera.near,

@@ -1,0 +1,75 @@
+"""The camera attention prior points each plane cell at the patches that see it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from triplane3d.configs import demo
+from triplane3d.models.attention_prior import camera_attention_bias
+from triplane3d.models.prior3d import Prior3D, unbox
+from triplane3d.render.camera import Camera
+
+L, G = 8, 4
+
+
+def _cell_world(cam, i, j):
+  """World (x, y) of cell (row i, column j) of the xy plane (independent restatement)."""
+  half = cam.box_size / 2
+  return (
+    cam.box_center[0] + half * (2 * (j + 0.5) / L - 1),
+    cam.box_center[1] + half * (2 * (i + 0.5) / L - 1),
+  )
+
+
+def test_xy_cells_attend_to_the_patch_they_project_into():
+  cam = Camera()
+  bias = camera_attention_bias(cam, 'xyz', L, G)
+  assert bias.shape == (3 * L * L, 1 + G * G)
+  np.testing.assert_array_equal(bias[:, 0], 0.0)  # The class token: no preference.
+  checked = 0
+  for i in range(L):
+    for j in range(L):
+      x, y = _cell_world(cam, i, j)
+      z = cam.box_center[2]
+      u, v = cam.cx + cam.fx * x / z, cam.cy + cam.fy * y / z
+      if not (0 < u < 1 and 0 < v < 1):
+        continue
+      best = int(np.argmax(bias[i * L + j, 1:]))
+      assert divmod(best, G) == (int(v * G), int(u * G)), (i, j, u, v)
+      checked += 1
+  assert checked >= 16
+
+
+def test_xz_and_yz_cells_constrain_one_image_axis():
+  bias = camera_attention_bias(Camera(), 'xyz', L, G)
+  xz = bias[L * L : 2 * L * L, 1:].reshape(L * L, G, G)  # (cell, patch row, patch column)
+  yz = bias[2 * L * L :, 1:].reshape(L * L, G, G)
+  np.testing.assert_allclose(xz, np.broadcast_to(xz[:, :1, :], xz.shape))  # Any row.
+  np.testing.assert_allclose(yz, np.broadcast_to(yz[:, :, :1], yz.shape))  # Any column.
+  # A cell further from the camera (larger z) at the same x projects closer to the centre.
+  col = xz[:, 0, :].reshape(L, L, G)  # (z row, x column, patch column)
+  assert np.argmax(col[0, 0]) <= np.argmax(col[-1, 0])
+
+
+def test_rotated_camera_is_refused():
+  rot = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0)
+  with pytest.raises(ValueError, match='identity rotation'):
+    camera_attention_bias(Camera(rotation=rot), 'xyz', L, G)
+
+
+def test_decoder_with_prior_runs_and_differs():
+  cfg = demo.get_config()
+  cfg.decoder.attention_prior = 'camera'
+  with_prior = Prior3D.from_config(cfg)
+  cfg.decoder.attention_prior = 'none'
+  without = Prior3D.from_config(cfg)
+  params = unbox(with_prior.init(jax.random.key(0)))
+  h = jax.random.normal(jax.random.key(1), (2, with_prior.num_tokens, 4 * 64))
+  a = with_prior.decoder.apply({'params': params['decoder']}, h)
+  b = without.decoder.apply({'params': params['decoder']}, h)  # Same parameters.
+  assert a.shape == b.shape and np.all(np.isfinite(a))
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+  cfg.decoder.attention_prior = 'bogus'
+  with pytest.raises(ValueError, match='attention_prior'):
+    Prior3D.from_config(cfg)
