@@ -110,6 +110,9 @@ def test_misaligned_depth_raises_named_error(tmp_path):
 def test_corrupt_record_is_skipped_and_counted(tmp_path):
   dft.write(tmp_path, n=16, corrupt=(7,))
   c = dft.config(tmp_path, batch_size=4)
+  # Prefetch threads may read the next epoch's copy of the bad record too (2 of ~19): this part
+  # checks skipping and counting, not the budget, so give it room.
+  c.data.max_bad_fraction = 0.5
   transforms.reset_corrupt_counts()
   # 4 batches: the epoch's 15 good records, then one of the next epoch. Order is kept, so the
   # corrupt record has certainly been read (and counted) before the 16th element exists.
