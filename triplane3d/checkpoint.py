@@ -151,16 +151,12 @@ class Checkpointer:
 
   def _check_tree(self, step: int, abstract_state: Any) -> None:
     """Compares paths and shapes of the saved tree with the expected one, before reading."""
-    lines = _mismatches(_shapes(self._manager.item_metadata(step)[STATE]), _shapes(abstract_state))
-    if not lines:
-      return
-    raise ValueError(
-      f'Checkpoint {self.directory / str(step)} does not match the state this run builds '
-      f'({len(lines)} problems):\n'
-      + '\n'.join(lines[:50])
-      + ('\n  ...' if len(lines) > 50 else '')
-      + '\nIt was written by a different model / optimiser config. Resume with the config '
-      'that wrote it, or start from a fresh --workdir.'
+    _check_shapes(
+      _shapes(self._manager.item_metadata(step)[STATE]),
+      _shapes(abstract_state),
+      f'Checkpoint {self.directory / str(step)} does not match the state this run builds',
+      'It was written by a different model / optimiser config. Resume with the config that '
+      'wrote it, or start from a fresh --workdir.',
     )
 
   def wait(self) -> None:
@@ -222,15 +218,12 @@ def restore_params(
 
       model = Prior3D.from_config(config)
       abstract = unbox(jax.eval_shape(model.init, jax.random.key(0)))
-      lines = _mismatches(_shapes(saved), _shapes(abstract))
-      if lines:
-        raise ValueError(
-          f'Checkpoint {path} does not hold the parameters this config builds '
-          f'({len(lines)} problems):\n'
-          + '\n'.join(lines[:50])
-          + ('\n  ...' if len(lines) > 50 else '')
-          + '\nUse the config (and the --config.* overrides) the run was trained with.'
-        )
+      _check_shapes(
+        _shapes(saved),
+        _shapes(abstract),
+        f'Checkpoint {path} does not hold the parameters this config builds',
+        'Use the config (and the --config.* overrides) the run was trained with.',
+      )
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     restore_args = jax.tree.map(
       lambda s: ocp.ArrayRestoreArgs(sharding=device, global_shape=s.shape, dtype=s.dtype),
@@ -246,6 +239,18 @@ def restore_params(
     handler.close()
   logging.info('Restored the parameters of step %d from %s.', step, path)
   return step, restored['params']
+
+
+def _check_shapes(saved: dict, want: dict, what: str, advice: str) -> None:
+  """Raises ValueError listing every difference between two `_shapes` dicts, if any."""
+  lines = _mismatches(saved, want)
+  if lines:
+    raise ValueError(
+      f'{what} ({len(lines)} problems):\n'
+      + '\n'.join(lines[:50])
+      + ('\n  ...' if len(lines) > 50 else '')
+      + f'\n{advice}'
+    )
 
 
 def _mismatches(saved: dict, want: dict) -> list[str]:
