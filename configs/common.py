@@ -98,7 +98,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.data.name = 'imagenet2012'
   c.data.split = 'train'
   c.data.data_dir = ''  # Empty: TFDS default.
-  c.data.depth_name = 'imagenet2012_depth'  # The precomputed pseudo-depth dataset.
+  # The precomputed pseudo-depth dataset; empty: '<data.name>_depth' (precompute_depth's default).
+  c.data.depth_name = ''
   c.data.num_synthetic = 0  # Synthetic source only: number of scenes to generate.
   c.data.subset_size = 0  # > 0: train on a fixed random subset of N examples (ablation).
   c.data.crop_scale = (0.08, 1.0)  # Random resized crop (scale, ratio).

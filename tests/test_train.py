@@ -128,6 +128,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     ({'mesh.data': 3}, 'mesh.data=3'),
     ({'optim.lr_mults': (('backbone/.*', 0.5),)}, 'match no rule of optim.lr_mults'),
     ({'decoder.kind': 'mlp'}, "decoder.kind must be 'triplane' or 'conv'"),
+    # keep_ckpts=0 used to delete every checkpoint, the one just written included.
+    ({'train.keep_ckpts': 0}, r'train.keep_ckpts must be >= 1'),
+    # A negative num_steps used to fall back to num_epochs silently.
+    ({'train.num_steps': -1}, r'train.num_steps must be >= 0'),
+    # Epoch mode with a batch larger than the dataset used to train 0 steps and exit 0.
+    ({'train.num_steps': 0, 'train.batch_size': 64}, r'is 0 steps'),
   ],
 )
 def test_impossible_configs_are_refused(data_dir, tmp_path, overrides, message):
@@ -167,6 +173,14 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
     check=True,
     env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
   )
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()  # Not private (was 0600).
+  # An existing file is not replaced without --overwrite.
+  refused = subprocess.run(
+    [sys.executable, '-m', 'triplane3d.convert.export', f'--workdir={workdir}', f'--out={out}'],
+    capture_output=True,
+    env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+  )
+  assert refused.returncode != 0 and b'--overwrite' in refused.stderr
   again = convert.load_dinov2(out, 'vit_tiny14')
   want = result['state']['params']['backbone']
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again), strict=True):
@@ -193,3 +207,9 @@ def test_init_from_dinov2_checkpoint(data_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
   assert json.loads(line)['dist'] == 0.0  # Student == teacher: identical representations.
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask

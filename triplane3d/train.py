@@ -35,9 +35,21 @@ class NonFiniteLossError(FloatingPointError):
 
 def num_train_steps(config) -> int:
   """train.num_steps if set, else train.num_epochs over the (sub)set at the global batch."""
+  if config.train.num_steps < 0:
+    raise ValueError(
+      f'train.num_steps must be >= 0 (0: use train.num_epochs), got {config.train.num_steps}.'
+    )
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
-  return int(config.train.num_epochs * pipeline.steps_per_epoch(config))
+  steps = int(config.train.num_epochs * pipeline.steps_per_epoch(config))
+  if steps <= 0:
+    raise ValueError(
+      f'train.num_epochs={config.train.num_epochs} at train.batch_size='
+      f'{config.train.batch_size} over {pipeline.num_examples(config)} examples is 0 steps '
+      '(partial batches are dropped): lower the batch size, raise num_epochs or set '
+      'train.num_steps.'
+    )
+  return steps
 
 
 def _global_put(tree: Any, shardings: Any) -> Any:
@@ -125,6 +137,11 @@ def _check_intervals(config) -> None:
       raise ValueError(
         f'train.{name} must be a positive number of steps, got {config.train[name]}.'
       )
+  if config.train.keep_ckpts < 1:
+    # 0 would delete every checkpoint, the one just written and those of a reused workdir.
+    raise ValueError(
+      f'train.keep_ckpts must be >= 1 (checkpoints kept), got {config.train.keep_ckpts}.'
+    )
 
 
 def run(config, workdir: str) -> dict:

@@ -144,3 +144,13 @@ def test_to_global_shards_batch_over_mesh(devices):
   assert g['x'].shape == (16, 3) and len(g['x'].sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(g['x']), batch['x'])
   assert g['x'].addressable_shards[0].data.shape == (2, 3)
+
+
+def test_depth_name_follows_the_image_dataset_unless_set():
+  from triplane3d.configs import common
+
+  c = common.get_base_config()
+  c.data.name = 'my_photos'
+  assert pipeline._resolve(c)[2] == 'my_photos_depth'  # What precompute_depth writes.
+  c.data.depth_name = 'other_depth'
+  assert pipeline._resolve(c)[2] == 'other_depth'

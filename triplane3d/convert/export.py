@@ -46,6 +46,10 @@ def save_dinov2(params: dict, path: str) -> None:
       torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp)
     else:
       raise ValueError(f'unknown export format {path!r}: use .safetensors or .pth.')
+    # mkstemp creates the file private (0600); give it the permissions a plain write would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):
@@ -61,10 +65,14 @@ def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
 
 
 def main(argv):
-  from absl import flags, logging
+  from absl import app, flags, logging
 
   del argv
   f = flags.FLAGS
+  if os.path.exists(f.out) and not f.overwrite:
+    raise app.UsageError(
+      f'{f.out} exists; pass --overwrite to replace it, or choose another --out.'
+    )
   params = backbone_from_checkpoint(f.workdir, f.step)
   save_dinov2(params, f.out)
   logging.info('wrote %s (%d tensors)', f.out, len(to_dinov2_state_dict(params)))
@@ -76,4 +84,5 @@ if __name__ == '__main__':
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
   flags.DEFINE_string('out', None, 'Output .pth or .safetensors file.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
+  flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists.')
   app.run(main)

@@ -56,7 +56,8 @@ def _resolve(config) -> tuple[str, str, str, str]:
   """(data_dir, image dataset name, depth dataset name, split); generates synthetic data."""
   d = config.data
   if d.source == 'tfds':
-    return d.data_dir, d.name, d.depth_name, d.split
+    # Unset: the name precompute_depth writes by default for this image dataset.
+    return d.data_dir, d.name, d.depth_name or f'{d.name}_depth', d.split
   if d.source != 'synthetic':
     raise ValueError(f"unknown data.source {d.source!r}: 'tfds' or 'synthetic'.")
   data_dir = d.data_dir or (os.path.join(config.workdir, 'data') if config.workdir else '')
