@@ -217,6 +217,17 @@ def test_guard_sets_flag_chains_and_restores_handler(devices):
     signal.signal(signal.SIGTERM, previous)
 
 
+def test_first_ctrl_c_stops_cleanly_second_quits_at_once():
+  previous = signal.getsignal(signal.SIGINT)
+  guard = checkpoint.PreemptionGuard()
+  with guard:
+    os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt: a save is requested instead.
+    assert guard.signalled and guard.should_stop(1)
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is previous  # Restored on exit.
+
+
 def test_two_processes_agree_on_preemption_and_resume(tmp_path):
   """8 devices over 2 processes: process 1 alone is signalled at step 3; both save step 3
   and exit 0; a restart on both restores the sharded state and the data positions, and

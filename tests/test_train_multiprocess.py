@@ -62,7 +62,9 @@ def _steps_logged(workdir):
   return [json.loads(line)['step'] for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path):
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_signal_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
+  """Preemption (SIGTERM) and Ctrl-C (SIGINT) both save the step reached and exit 0."""
   workdir = str(tmp_path / 'preempt')
   proc = subprocess.Popen(
     _main_cmd(data_dir, workdir, '--config.train.num_steps=100000'),
@@ -76,7 +78,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path):
       assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
       assert time.monotonic() < deadline, 'training did not start in time'
       time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
   finally:
     proc.kill()

@@ -283,7 +283,11 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 
 
 class PreemptionGuard:
-  """Turns SIGTERM (a preemption notice) into a flag that every host agrees on.
+  """Turns SIGTERM (a preemption notice) or Ctrl-C into a flag that every host agrees on.
+
+  The first SIGINT (Ctrl-C) is treated like SIGTERM: save at the next sync step and exit
+  cleanly, instead of losing everything since the last checkpoint. A second SIGINT raises
+  KeyboardInterrupt at once (Python's default, which is not chained on the first).
 
   Use as a context manager around the loop: it installs a handler for `signals` that only
   sets a flag (the step in flight finishes normally) and restores the previous handlers on
@@ -302,7 +306,9 @@ class PreemptionGuard:
   CPU+gloo, and is tested here with real processes.
   """
 
-  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), sync_every_steps: int = 1):
+  def __init__(
+    self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT), sync_every_steps: int = 1
+  ):
     self.signals = tuple(signals)
     self.sync_every_steps = max(1, int(sync_every_steps))
     self._flag = False
@@ -325,6 +331,12 @@ class PreemptionGuard:
 
   def _handle(self, signum: int, frame: Any) -> None:
     # Keep the handler tiny: it runs between two bytecodes of whatever the loop is doing.
+    if signum == signal.SIGINT:
+      if self._flag:
+        raise KeyboardInterrupt('second Ctrl-C: stopping without saving')
+      self._flag = True
+      logging.warning('Ctrl-C: will checkpoint and stop at the next sync step (again: quit now).')
+      return  # Python's own SIGINT handler would raise KeyboardInterrupt: not chained.
     self._flag = True
     logging.warning('Received signal %d: will checkpoint and stop at the next sync step.', signum)
     prev = self._previous.get(signum)
