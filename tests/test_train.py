@@ -130,6 +130,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     ({'decoder.kind': 'mlp'}, "decoder.kind must be 'triplane' or 'conv'"),
     # keep_ckpts=0 used to delete every checkpoint, the one just written included.
     ({'train.keep_ckpts': 0}, r'train.keep_ckpts must be >= 1'),
+    ({'train.batch_size': 0}, r'train.batch_size must be a positive'),  # Was ZeroDivisionError.
     # A negative num_steps used to fall back to num_epochs silently.
     ({'train.num_steps': -1}, r'train.num_steps must be >= 0'),
     # Epoch mode with a batch larger than the dataset used to train 0 steps and exit 0.

@@ -113,6 +113,8 @@ def batch_shards(mesh: Mesh) -> int:
 
 def check_batch(global_batch: int, mesh: Mesh, process_count: int) -> None:
   """Refuses a global batch that the mesh or the hosts cannot split evenly."""
+  if global_batch < 1:
+    raise ValueError(f'train.batch_size must be a positive number of images, got {global_batch}.')
   shards = batch_shards(mesh)
   if global_batch % shards:
     raise ValueError(

@@ -154,3 +154,13 @@ def test_depth_name_follows_the_image_dataset_unless_set():
   assert pipeline._resolve(c)[2] == 'my_photos_depth'  # What precompute_depth writes.
   c.data.depth_name = 'other_depth'
   assert pipeline._resolve(c)[2] == 'other_depth'
+
+
+def test_nearly_flat_depth_maps_are_flat_and_real_ranges_stretch():
+  rng = np.random.default_rng(0)
+  noise = 3.0 + 6e-6 * rng.standard_normal((16, 16))  # A 2e-6 relative range: noise.
+  flat = transforms.map_depth(noise, 1.5, 2.5, 'minmax')
+  np.testing.assert_array_equal(flat, 2.0)  # Was stretched to std ~0.3 over [1.5, 2.5].
+  ramp = np.linspace(3.0, 3.03, 256).reshape(16, 16)  # 1 % range: real structure.
+  mapped = transforms.map_depth(ramp, 1.5, 2.5, 'minmax')
+  np.testing.assert_allclose([mapped.min(), mapped.max()], [1.5, 2.5], atol=1e-5)

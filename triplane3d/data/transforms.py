@@ -33,6 +33,9 @@ IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 
+_FLAT_RELATIVE_RANGE = 1e-4  # map_depth: relative depth ranges below this count as flat.
+
+
 class TooManyCorruptImagesError(RuntimeError):
   pass
 
@@ -93,7 +96,8 @@ def map_depth(
   """Maps a raw depth map (any shape) into [near, far] by one of the `config.depth` rules.
 
   'percentile' / 'minmax': a per-image affine map sending the lo/hi percentile (min/max) to
-  near/far, then clipped; a constant map goes to the middle of the range. Disparity maps are
+  near/far, then clipped; a constant or nearly constant map (range below 1e-4 of its
+  magnitude) goes to the middle of the range. Disparity maps are
   negated first (an affine map cannot invert, and relative disparity has no usable offset).
   'none': the depth is already metric in the scene's range; it is only clipped.
   """
@@ -110,7 +114,9 @@ def map_depth(
     lo, hi = d.min(), d.max()
   else:
     raise ValueError(f"unknown depth.normalize {rule!r}: 'percentile', 'minmax' or 'none'.")
-  if not hi - lo > 1e-12 * max(1.0, abs(hi)):
+  # Nearly flat maps are flat: stretching a range of numerical noise (say 1e-6 of the depth)
+  # to [near, far] would invent structure.
+  if not hi - lo > _FLAT_RELATIVE_RANGE * max(abs(hi), abs(lo), 1e-12):
     return np.full_like(d, 0.5 * (near + far))
   return np.clip(near + (d - lo) * ((far - near) / (hi - lo)), near, far).astype(np.float32)
 
