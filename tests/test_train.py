@@ -3,6 +3,7 @@ NaN stop, refusals of impossible configs."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -214,3 +215,16 @@ def _umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def test_metrics_list_each_step_once_after_a_crash_and_resume(data_dir, tmp_path):
+  """Steps logged after the last checkpoint (a crash) are run again; the log keeps one line
+  per step, with the resumed run's values."""
+  workdir = tmp_path / 'crash'
+  config = tiny_config(data_dir, **{'train.num_steps': 4, 'train.ckpt_every_steps': 2})
+  train.run(config, str(workdir))
+  shutil.rmtree(workdir / 'checkpoints' / '4')  # As if the run died before saving step 4.
+  resumed = train.run(config, str(workdir))
+  lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [x['step'] for x in lines] == [1, 2, 3, 4]
+  assert lines[-1]['total'] == pytest.approx(resumed['losses'][4])

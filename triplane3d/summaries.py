@@ -79,6 +79,25 @@ class Writer:
       (self.workdir / 'images').mkdir(parents=True, exist_ok=True)
       self._tb = SummaryWriter(str(self.workdir / 'tb'))
 
+  def forget_after(self, step: int) -> None:
+    """Drops metrics.jsonl lines of steps after `step` (the checkpoint a run resumes from).
+
+    A run that crashed after its last checkpoint logged steps that the resumed run computes
+    again; keeping both would list those steps twice. The resumed run's values win; a window
+    of `log_every_steps` that spans the resume averages only the steps run after it. The file
+    is rewritten through a temporary file and renamed, so a crash here loses nothing.
+    """
+    path = self.workdir / 'metrics.jsonl'
+    if not self.active or not path.exists():
+      return
+    lines = path.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)['step'] <= step]
+    if len(kept) == len(lines):
+      return
+    tmp = self.workdir / 'metrics.jsonl.tmp'
+    tmp.write_text(''.join(ln + '\n' for ln in kept))
+    tmp.replace(path)
+
   def scalars(self, step: int, values: dict[str, float]) -> None:
     if not self.active:
       return

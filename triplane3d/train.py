@@ -204,6 +204,7 @@ def run(config, workdir: str) -> dict:
       state, teacher, start = _init_or_restore(
         config, model, init_state, abstract, state_sh, param_sh, ckpt, data_iter, k_init
       )
+      writer.forget_after(start)  # Steps logged after the checkpoint will be run again.
       # 5 + 6. The loop.
       return _loop(
         config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
