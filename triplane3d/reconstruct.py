@@ -201,8 +201,7 @@ class Reconstructor:
     model = self.model
     h = model.representation(params['backbone'], images_bss3)
     out = model.reconstruct(params, h, self._key, full=True)
-    planes = model.decoder.apply({'params': params['decoder']}, h) if self.has_views else None
-    return out['rgb'], out['depth'], planes
+    return out['rgb'], out['depth'], out.get('planes')
 
   def __call__(self, image_ss3: np.ndarray) -> dict[str, Any]:
     """Reconstructs one normalised input image (S, S, 3).
@@ -228,14 +227,9 @@ class Reconstructor:
     }
 
 
-def _to_uint8(rgb: np.ndarray) -> np.ndarray:
-  """Colours in [0, 1] (the decoder overshoots by up to 0.001: clipped) → uint8."""
-  return np.round(np.clip(rgb, 0.0, 1.0) * 255).astype(np.uint8)
-
-
 def views_frame(yaw: float, rgb_rr3: np.ndarray, depth_rr: np.ndarray, near: float, far: float):
   """One GIF frame, a PIL RGB image: a caption with the yaw above RGB | depth, enlarged."""
-  rgb = summaries.upscale(_to_uint8(rgb_rr3))
+  rgb = summaries.upscale(summaries.to_uint8(rgb_rr3))
   depth = summaries.upscale(summaries.colorize_depth(depth_rr, near, far))
   caption = f'yaw {yaw:+.1f} deg'
   gap = 4
@@ -255,7 +249,7 @@ def write_outputs(name: str, out_dir: str, result: dict, camera: Camera) -> list
   """Writes NAME.rgb.png, NAME.depth.npy, NAME.depth.png (and NAME.views.gif); their paths."""
   base = os.path.join(out_dir, name)
   paths = [f'{base}.rgb.png', f'{base}.depth.npy', f'{base}.depth.png']
-  Image.fromarray(_to_uint8(result['rgb'])).save(paths[0])
+  Image.fromarray(summaries.to_uint8(result['rgb'])).save(paths[0])
   np.save(paths[1], result['depth'].astype(np.float32))
   Image.fromarray(summaries.colorize_depth(result['depth'], camera.near, camera.far)).save(paths[2])
   if result['frames']:

@@ -159,7 +159,7 @@ def upscale(image_hwc: np.ndarray, min_side: int = MIN_TILE) -> np.ndarray:
   return np.repeat(np.repeat(image_hwc, k, axis=0), k, axis=1)
 
 
-def _to_uint8(image_hwc) -> np.ndarray:
+def to_uint8(image_hwc) -> np.ndarray:
   """Float image in [0, 1] (values outside are clipped) → uint8."""
   return np.round(np.clip(np.asarray(image_hwc, np.float32), 0.0, 1.0) * 255).astype(np.uint8)
 
@@ -203,10 +203,10 @@ def reconstruction_grid(
   for i in range(rgb_brr3.shape[0]):
     inp = np.asarray(images_bhw3[i], np.float32) * IMAGENET_STD + IMAGENET_MEAN
     tiles = [
-      _fit(_to_uint8(inp), tile),
-      upscale(_to_uint8(rgb_brr3[i])),
+      _fit(to_uint8(inp), tile),
+      upscale(to_uint8(rgb_brr3[i])),
       upscale(colorize_depth(depth_brr1[i], near, far)),
-      upscale(_to_uint8(target_rgb[i])),
+      upscale(to_uint8(target_rgb[i])),
       upscale(colorize_depth(target_depth[i], near, far)),
     ]
     rows.append(tiles)

@@ -94,15 +94,18 @@ def steps_per_epoch(config) -> int:
   return num_examples(config) // config.train.batch_size
 
 
-def augmentation(config) -> transforms.DecodeAugment:
-  """The per-example transform `create` uses, built from `config`."""
+def augmentation(config, *, whole_image: bool = False) -> transforms.DecodeAugment:
+  """The per-example transform `create` uses, built from `config`.
+
+  `whole_image=True`: no crop and no flip (evaluation), everything else the same.
+  """
   camera = Camera.from_config(config.camera)
   return transforms.DecodeAugment(
     img_size=config.model.img_size,
     resolution=config.render.resolution,
-    crop_scale=tuple(config.data.crop_scale),
-    crop_ratio=tuple(config.data.crop_ratio),
-    flip=config.data.flip,
+    crop_scale=(1.0, 1.0) if whole_image else tuple(config.data.crop_scale),
+    crop_ratio=(1.0, 1.0) if whole_image else tuple(config.data.crop_ratio),
+    flip=config.data.flip and not whole_image,
     near=camera.near,
     far=camera.far,
     depth_rule=config.depth.normalize,
@@ -111,13 +114,6 @@ def augmentation(config) -> transforms.DecodeAugment:
     is_disparity=config.depth.is_disparity,
     max_bad_fraction=config.data.max_bad_fraction,
   )
-
-
-def whole_image_transform(config) -> transforms.DecodeAugment:
-  """`augmentation` without augmenting: the whole image, no flip (evaluation, reconstruct)."""
-  t = augmentation(config)
-  t.crop_scale, t.crop_ratio, t.flip = (1.0, 1.0), (1.0, 1.0), False
-  return t
 
 
 def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', 'fsdp')) -> int:

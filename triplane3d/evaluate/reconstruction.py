@@ -77,7 +77,7 @@ def scene_example(config, index: int, seed: int | None = None) -> dict:
     'depth': depth['depth'],
     'depth_range': np.asarray(depth['depth_range'], np.float32),
   }
-  ex = pipeline.whole_image_transform(config).random_map(record, np.random.default_rng(0))
+  ex = pipeline.augmentation(config, whole_image=True).random_map(record, np.random.default_rng(0))
   return {k: ex[k][None] for k in ('image', 'rgb', 'depth')}
 
 

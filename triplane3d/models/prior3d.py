@@ -114,8 +114,9 @@ class Prior3D:
     return self._constrain(jnp.concatenate(tokens, axis=-1))
 
   def reconstruct(self, params, h, key, *, full: bool = False) -> dict[str, jax.Array]:
-    """Decodes h and renders: rgb (B, n, 3), depth (B, n, 1), densities (B, n, k) (triplane
-    only), ray_indices (B, n). `full=True` renders every pixel whatever `rays_per_image`."""
+    """Decodes h and renders: rgb (B, n, 3), depth (B, n, 1), densities (B, n, k) and planes
+    (B, 3, H, W, C) (triplane only), ray_indices (B, n). `full=True` renders every pixel
+    whatever `rays_per_image`."""
     opts = dataclasses.replace(self.options, rays_per_image=0) if full else self.options
     if self.mlp is None:
       rgb, depth = self.decoder.apply({'params': params['decoder']}, h)
@@ -140,6 +141,7 @@ class Prior3D:
       'opacity': out.opacity,
       'densities': out.densities,
       'ray_indices': out.ray_indices,
+      'planes': planes,  # For novel views (reconstruct); unused outputs cost nothing under jit.
     }
 
 
