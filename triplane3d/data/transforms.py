@@ -9,7 +9,8 @@
 
 The crop box is drawn once in the image's pixel coordinates and applied to the depth map in
 normalised coordinates (depth may be stored at a lower resolution), so all three outputs show
-the same region. Both are resized straight from the source with PIL's antialiased bilinear
+the same region. Images are decoded by `images.open_rgb` (16-bit greyscale scaled, EXIF
+orientation applied, transparency over white). Both are resized straight from the source with PIL's antialiased bilinear
 filter (crop and resize in one step, sub-pixel box), then flipped together.
 
 A record whose image or depth cannot be decoded is skipped (the transform returns None, which
@@ -19,7 +20,6 @@ past `max_bad_fraction`, `TooManyCorruptImagesError` stops the run.
 
 from __future__ import annotations
 
-import io
 import math
 
 import grain
@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from triplane3d.data import depth_format
+from triplane3d.data import depth_format, images
 
 IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
@@ -179,8 +179,7 @@ class DecodeAugment(grain.transforms.RandomMap):
   def random_map(self, element: dict, rng: np.random.Generator) -> dict | None:
     _COUNTS['seen'] += 1
     try:
-      img = Image.open(io.BytesIO(element['image']))
-      img = img.convert('RGB')  # Also forces the full decode: truncated files fail here.
+      img = images.open_rgb(element['image'])  # Full decode: truncated files fail here.
       depth = depth_format.decode(element['depth'], element['depth_range'])
     except Exception as err:  # Any decoder failure means a corrupt record.
       self._skip(element['key'], err)
