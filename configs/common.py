@@ -40,6 +40,7 @@ def get_base_config() -> mlc.ConfigDict:
   # 'camera': the cross-attention starts local, each plane cell attending to the patches it
   # projects to under the fixed camera (models/attention_prior.py). 'none': the paper.
   c.decoder.attention_prior = 'none'
+  c.decoder.attention_prior_sigma = 1.0  # The prior's Gaussian width, in patches.
 
   # Volume rendering (SPEC.md §3).
   c.render = mlc.ConfigDict()
@@ -79,8 +80,10 @@ def get_base_config() -> mlc.ConfigDict:
   c.depth.normalize = 'percentile'
   c.depth.lo_percentile = 2.0
   c.depth.hi_percentile = 98.0
-  # ZoeDepth-style models predict distance (larger = farther). Set True for disparity models.
-  c.depth.is_disparity = False
+  # Whether the stored depth is disparity (larger = nearer; DPT, relative Depth Anything) rather
+  # than distance (ZoeDepth). None: what the depth dataset records (precompute_depth stores it);
+  # True / False overrides that.
+  c.depth.is_disparity = mlc.config_dict.placeholder(bool)
 
   # Objective: L = 0.1 L_rgb + 1 L_depth + 1 L_dist + 1e-3 L_norm.
   c.loss = mlc.ConfigDict()

@@ -10,7 +10,8 @@ decoder learns the dataset's mean shape instead of reading the image (docs/recon
 
 `camera_attention_bias` turns the correspondence into an additive attention-logit bias,
 −d²/(2σ²) with d the image distance (in units of the image side) between a plane cell's
-projection and a patch centre, over the coordinates the plane determines, and σ one patch. The
+projection and a patch centre, over the coordinates the plane determines, and σ in patches
+(`decoder.attention_prior_sigma`). The
 class token gets bias 0. Content-based attention (q·k) is learnt on top of it.
 """
 
@@ -25,11 +26,14 @@ from triplane3d.render.planes import PLANE_AXES
 
 
 @functools.lru_cache(maxsize=16)
-def camera_attention_bias(camera: Camera, plane_axes: str, low_res: int, grid: int) -> np.ndarray:
+def camera_attention_bias(
+  camera: Camera, plane_axes: str, low_res: int, grid: int, sigma_patches: float = 1.0
+) -> np.ndarray:
   """Attention-logit bias (3·L², 1 + g²), float32, for L×L plane cells and a g×g patch grid.
 
   Rows follow the decoder's embedding order (plane, row, column); columns are [cls, patches in
-  row-major order]. Needs a camera looking down +z (identity rotation).
+  row-major order]. `sigma_patches`: the Gaussian's width in patches. Needs a camera looking
+  down +z (identity rotation).
   """
   if not np.allclose(camera.rotation_matrix, np.eye(3)):
     raise ValueError(
@@ -43,7 +47,9 @@ def camera_attention_bias(camera: Camera, plane_axes: str, low_res: int, grid: i
   patch = (np.arange(grid) + 0.5) / grid
   pu, pv = np.meshgrid(patch, patch, indexing='xy')  # (g, g) patch centres (u: column).
   pu, pv = pu.reshape(-1), pv.reshape(-1)
-  sigma = 1.0 / grid
+  if sigma_patches <= 0:
+    raise ValueError(f'decoder.attention_prior_sigma must be > 0 (patches), got {sigma_patches}.')
+  sigma = sigma_patches / grid
   rows = []
   for axes in PLANE_AXES[plane_axes]:
     world = {axes[0]: box_c[axes[0]] + half * col, axes[1]: box_c[axes[1]] + half * row}

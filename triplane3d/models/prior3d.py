@@ -55,6 +55,7 @@ class Prior3D:
       decoder = TriplaneDecoder.from_config(
         config.decoder,
         prior_camera=camera if prior == 'camera' else None,
+        prior_sigma=float(config.decoder.attention_prior_sigma),
         plane_axes=str(config.render.plane_axes),
       )
       mlp = PointMLP(config.render.mlp_hidden)

@@ -146,6 +146,7 @@ class TriplaneDecoder(nn.Module):
     prior_camera: with a camera, the cross-attention starts local: a plane cell attends to the
       patches it projects to (`attention_prior.camera_attention_bias`); None: the paper's
       decoder.
+    prior_sigma: the prior's width in patches.
     plane_axes: the renderer's plane order ('xyz' / 'eg3d'), for the prior.
   """
 
@@ -157,6 +158,7 @@ class TriplaneDecoder(nn.Module):
   plane_channels: int = 32
   dtype: Dtype = jnp.float32
   prior_camera: Camera | None = None
+  prior_sigma: float = 1.0
   plane_axes: str = 'xyz'
 
   @classmethod
@@ -196,7 +198,8 @@ class TriplaneDecoder(nn.Module):
         raise ValueError(
           f'the attention prior needs h = cls + a square patch grid, got {h_bne.shape}.'
         )
-      bias = camera_attention_bias(self.prior_camera, self.plane_axes, l, grid).astype(self.dtype)
+      bias = camera_attention_bias(self.prior_camera, self.plane_axes, l, grid, self.prior_sigma)
+      bias = bias.astype(self.dtype)
     for i in range(self.num_layers):
       x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne, bias)
     x = layer_norm('norm', self.dtype)(x)
