@@ -102,9 +102,48 @@ def test_misaligned_depth_raises_named_error(tmp_path):
     src[5]
   msg = str(e.value)
   assert "'train'" in msg and 'index 5' in msg and 'img_005.png' in msg and 'img_006.png' in msg
-  it = pipeline.create(dft.config(tmp_path, batch_size=4), process_index=0, process_count=1)
-  with pytest.raises(sources.DepthMisalignedError):
-    _take(it, 3)
+  assert 'python -m triplane3d.data.precompute_depth --name=posimg' in msg
+  src[4], src[7]  # Only the swapped pair is wrong.
+  # Start-up reads a sample spread over the split (here all 12), so training does not start.
+  with pytest.raises(sources.DepthMisalignedError, match='index 5'):
+    pipeline.create(dft.config(tmp_path, batch_size=4), process_index=0, process_count=1)
+
+
+def test_depth_kind_comes_from_the_dataset_unless_set(data_dir, tmp_path, caplog, monkeypatch):
+  from triplane3d.data import depth_format
+
+  monkeypatch.setattr(pipeline, '_WARNED', set())  # Warnings logged by earlier tests.
+
+  c = dft.config(data_dir)
+  c.depth.normalize = 'percentile'
+  assert c.depth.is_disparity is None  # The default: follow the dataset.
+  with caplog.at_level('WARNING'):
+    assert not pipeline.depth_is_disparity(c)  # Records nothing: distance, with a warning.
+  assert 'does not record whether it holds distance or disparity' in caplog.text
+  other = tmp_path / 'copy'
+  dft.write(other, n=4)
+  info = {
+    'model': 'm',
+    'model_type': 'dpt',
+    'output': 'disparity',
+    'images': {'name': dft.NAME, 'split': 'train', 'num_records': 4},
+    'records_per_shard': 2,
+    'num_shards': 2,
+    'max_side': 24,
+  }
+  depth_format.write_info(str(other), dft.DEPTH_NAME, 'train', info)
+  c = dft.config(other)
+  c.depth.normalize = 'percentile'
+  assert pipeline.depth_is_disparity(c)
+  assert pipeline.augmentation(c).depth_args['is_disparity']
+  caplog.clear()
+  c.depth.is_disparity = False  # An explicit value wins, with a warning.
+  with caplog.at_level('WARNING'):
+    assert not pipeline.depth_is_disparity(c)
+  assert 'overrides' in caplog.text
+  c.depth.is_disparity, c.depth.normalize = None, 'none'
+  with pytest.raises(ValueError, match='disparity'):
+    pipeline.augmentation(c)
 
 
 def test_corrupt_record_is_skipped_and_counted(tmp_path):

@@ -6,6 +6,8 @@
       not depend on the number of hosts) → this host's contiguous block of each global batch
       (`HostBlocks`)
     → batch(global_batch // process_count) → worker processes (mp_prefetch)
+    → (tfds sources) a look at the first batches' depth targets: a warning when many pixels
+      sit at camera.near / far, i.e. the depth rule clips them (`_ClipWatch`)
 
 Shuffling before sharding means each epoch every host sees a different 1/process_count of the
 data, and together the hosts see each example exactly once per epoch. The returned iterator is
@@ -13,6 +15,10 @@ a grain `DatasetIterator`: its `get_state()` / `set_state()` round-trip through
 `grain.checkpoint.CheckpointSave/CheckpointRestore` (orbax), and a restored iterator continues
 with the very next batch. `to_global` turns a host's numpy batch into globally sharded
 `jax.Array`s.
+
+Whether the stored depth is distance or disparity comes from the depth dataset
+(`depth_info` 'output', written by `precompute_depth`) unless `depth.is_disparity` is set:
+`depth_is_disparity`.
 """
 
 from __future__ import annotations
@@ -22,10 +28,24 @@ import os
 import grain
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from triplane3d.data import sources, synthetic, transforms
+from triplane3d.data import depth_format, sources, synthetic, transforms
 from triplane3d.render.camera import Camera
+
+# `_ClipWatch`: how many first batches it looks at, and the clipped fraction that warns. The
+# percentile rule clips lo_percentile + (100 - hi_percentile) = 4 % by design.
+_CLIP_CHECK_BATCHES = 4
+_CLIP_WARN_FRACTION = 0.2
+
+_WARNED: set[str] = set()  # Messages `_warn_once` has logged in this process.
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning('%s', message)
 
 
 class HostBlocks(grain.MapDataset):
@@ -78,6 +98,12 @@ def _resolve(config) -> tuple[str, str, str, str]:
 def _source(config):
   data_dir, name, depth_name, split = _resolve(config)
   src = sources.ImageDepthSource(data_dir, name, depth_name, split)
+  if src.info is None and config.data.source == 'tfds':
+    _warn_once(
+      f'depth dataset {depth_name!r} has no depth_info-{split}.json (made by an older '
+      'precompute_depth, or another tool): edited images are not detected and its depth kind '
+      f'is unknown. Bring it up to date: {sources.update_command(*_resolve(config), None)}'
+    )
   src.check_alignment()
   if config.data.subset_size > 0:
     src = sources.Subset(src, config.data.subset_size, seed=config.seed)
@@ -94,12 +120,53 @@ def steps_per_epoch(config) -> int:
   return num_examples(config) // config.train.batch_size
 
 
+def _stored_output(config) -> tuple[str | None, str]:
+  """(the depth dataset's 'distance' / 'disparity' or None if unrecorded, a description)."""
+  if config.data.source == 'synthetic':
+    return 'distance', 'the synthetic scenes (exact distance)'
+  data_dir, _, depth_name, split = _resolve(config)  # tfds: names only, no side effects.
+  info = depth_format.read_info(data_dir, depth_name, split)
+  if info is None:
+    return None, f'depth dataset {depth_name!r}'
+  return info['output'], f'depth dataset {depth_name!r} ({info["output"]} from {info["model"]})'
+
+
+def depth_is_disparity(config) -> bool:
+  """Whether the stored depth is disparity (larger = nearer), so `map_depth` negates it.
+
+  `depth.is_disparity` when set; when None (the default), what the depth dataset records
+  (`depth_format` `depth_info` 'output'). A dataset that records nothing (made by an older
+  precompute_depth) is taken as distance, with a warning.
+  """
+  explicit = config.depth.is_disparity
+  stored, what = _stored_output(config)
+  if explicit is None:
+    if stored is None:
+      _warn_once(
+        f'{what} does not record whether it holds distance or disparity; assuming distance. '
+        'Set depth.is_disparity, or rerun precompute_depth to record it.'
+      )
+    return stored == 'disparity'
+  if stored is not None and bool(explicit) != (stored == 'disparity'):
+    _warn_once(
+      f'depth.is_disparity={explicit} overrides {what}: the geometry is inverted unless the '
+      'dataset is mislabelled. Leave depth.is_disparity unset (None) to follow the dataset.'
+    )
+  return bool(explicit)
+
+
 def augmentation(config, *, whole_image: bool = False) -> transforms.DecodeAugment:
   """The per-example transform `create` uses, built from `config`.
 
   `whole_image=True`: no crop and no flip (evaluation), everything else the same.
   """
   camera = Camera.from_config(config.camera)
+  is_disparity = depth_is_disparity(config)
+  if is_disparity and config.depth.normalize == 'none':
+    raise ValueError(
+      f"depth.normalize='none' needs metric distance, but {_stored_output(config)[1]} is "
+      "disparity (or depth.is_disparity=True): set depth.normalize='percentile' or 'minmax'."
+    )
   return transforms.DecodeAugment(
     img_size=config.model.img_size,
     resolution=config.render.resolution,
@@ -111,9 +178,44 @@ def augmentation(config, *, whole_image: bool = False) -> transforms.DecodeAugme
     depth_rule=config.depth.normalize,
     lo_percentile=config.depth.lo_percentile,
     hi_percentile=config.depth.hi_percentile,
-    is_disparity=config.depth.is_disparity,
+    is_disparity=is_disparity,
     max_bad_fraction=config.data.max_bad_fraction,
   )
+
+
+class _ClipWatch(grain.transforms.Map):
+  """Passes batches through; warns once when, over the first few batches, more than
+  `_CLIP_WARN_FRACTION` of the depth target pixels sit exactly at near or far.
+
+  Such pixels were clipped by the depth rule (e.g. `depth.normalize='none'` on model depth in
+  metres: the targets become mostly flat planes). Used for tfds sources only: synthetic scenes
+  have exact depth whose background lies at `far` by construction.
+  """
+
+  def __init__(self, near: float, far: float, rule: str):
+    self.near, self.far, self.rule = near, far, rule
+    self.batches = self.clipped = self.total = 0
+
+  def map(self, batch: dict) -> dict:
+    if self.batches < _CLIP_CHECK_BATCHES:
+      self.batches += 1
+      d = np.asarray(batch['depth'])
+      self.clipped += int(np.count_nonzero((d <= self.near) | (d >= self.far)))
+      self.total += d.size
+      fraction = self.clipped / max(self.total, 1)
+      if fraction > _CLIP_WARN_FRACTION:
+        self.batches = _CLIP_CHECK_BATCHES  # Once.
+        logging.warning(
+          '%.0f%% of the depth target pixels in the first batches are clipped to camera.near '
+          '/ far = %g / %g by depth.normalize=%r: the stored depth does not fit that range '
+          "under this rule. Model depth needs depth.normalize='percentile' (default) or "
+          "'minmax'; 'none' suits only metric depth already inside [near, far].",
+          100 * fraction,
+          self.near,
+          self.far,
+          self.rule,
+        )
+    return batch
 
 
 def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', 'fsdp')) -> int:
@@ -188,6 +290,9 @@ def create(config, *, process_index=None, process_count=None, seed=None):
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=config.data.prefetch)
     )
+  if config.data.source == 'tfds':
+    camera = Camera.from_config(config.camera)
+    ds = ds.map(_ClipWatch(camera.near, camera.far, config.depth.normalize))  # Main process.
   return iter(ds)
 
 

@@ -7,7 +7,10 @@ data_dir=DATA_DIR)` like any TFDS dataset. Records keep the order they were gene
 TFDS shuffling): a depth dataset is aligned with its image dataset record by record.
 
 Shards are written to a temporary name and renamed when complete, so an interrupted job leaves
-only whole shards and a restart can skip them (`shard_done`). The metadata is written last
+only whole shards and a restart can skip them (`shard_done`). A split has one shard count:
+writing shard i of n removes the split's files of any other count (left by an earlier write of
+the split with another count, e.g. a re-import of a grown or shrunk folder), which would
+otherwise make the split unreadable. The metadata is written last
 (`finalize`); a dataset without it is not readable, hence never half-read.
 """
 
@@ -47,6 +50,22 @@ def shard_done(data_dir: str, name: str, split: str, shard: int, num_shards: int
   return os.path.exists(shard_path(data_dir, name, split, shard, num_shards))
 
 
+def remove_other_shardings(data_dir: str, name: str, split: str, num_shards: int) -> list[str]:
+  """Deletes the split's shard files (and their sidecars) of a count other than `num_shards`."""
+  d = dataset_dir(data_dir, name)
+  pattern = re.compile(re.escape(f'{name}-{split}.array_record-') + r'\d+-of-(\d+)(\..*)?$')
+  removed = []
+  for f in sorted(os.listdir(d)) if os.path.isdir(d) else ():
+    m = pattern.match(f)
+    if m and int(m.group(1)) != num_shards:
+      try:
+        os.remove(os.path.join(d, f))
+        removed.append(f)
+      except FileNotFoundError:  # Another writer of the split removed it first.
+        pass
+  return removed
+
+
 def is_prepared(data_dir: str, name: str) -> bool:
   """Whether a dataset's metadata exists (it is written only once every shard is complete)."""
   return os.path.exists(os.path.join(dataset_dir(data_dir, name), 'dataset_info.json'))
@@ -64,6 +83,7 @@ def write_shard(
   """Serialises `examples` into one shard file, atomically. Returns the number of records."""
   path = shard_path(data_dir, name, split, shard, num_shards)
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  remove_other_shardings(data_dir, name, split, num_shards)
   tmp = f'{path}.tmp-{os.getpid()}'
   # group_size:1 makes random access read one record, not a group of 65536 (grain's advice).
   writer = ArrayRecordWriter(tmp, 'group_size:1')
