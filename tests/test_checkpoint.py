@@ -6,6 +6,7 @@ fake training loop whose state update and data are simple enough to replay in nu
 "resume equals uninterrupted" is checked exactly.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -268,3 +269,122 @@ def test_sigterm_from_outside_saves_and_resumes(tmp_path):
   assert r2['batches'] == [_batch(0, stop), _batch(0, stop + 1)]
   np.testing.assert_array_equal(r2['w_full'], _expected_w(stop + 2, 1))
   assert r2['steps'][-1] == stop + 2
+
+
+def _save_steps(tmp_path, steps, data_iter=None) -> dict:
+  """Checkpoints of {'params': {'w'}, 'step'}, w = _w(step); returns the last state."""
+  with checkpoint.Checkpointer(tmp_path, save_every=1) as ckpt:
+    for s in steps:
+      state = {'params': {'w': jnp.asarray(_w(s))}, 'step': jnp.int32(s)}
+      ckpt.save(s, state, data_iter)
+  return state
+
+
+def _w(step: int) -> np.ndarray:
+  # Random values: constant arrays compress to a few bytes, leaving nothing to truncate.
+  return np.random.default_rng(step).normal(size=(64, 64)).astype(np.float32)
+
+
+def _truncate_largest_array_file(step_dir: Path) -> Path:
+  """Damages a step as a full disk or a killed copy would: its biggest array file cut short."""
+  files = [p for p in (step_dir / 'state').glob('ocdbt.process_*/d/*') if p.is_file()]
+  victim = max(files, key=lambda p: p.stat().st_size)
+  assert victim.stat().st_size > 1000
+  os.truncate(victim, 100)
+  return victim
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_is_set_aside(devices, tmp_path, caplog):
+  state = _save_steps(tmp_path, [2, 4])
+  root = tmp_path / 'checkpoints'
+  _truncate_largest_array_file(root / '4')
+  abstract = jax.eval_shape(lambda: state)
+  with checkpoint.Checkpointer(tmp_path, keep=2, save_every=1) as ckpt:
+    step, restored = ckpt.restore_latest(abstract)  # Was a raw TensorStore OUT_OF_RANGE.
+    assert step == 2
+    np.testing.assert_array_equal(restored['params']['w'], _w(2))
+    assert ckpt.all_steps() == [2]
+    # The bad step is kept for inspection, outside orbax's directory, with its error.
+    (kept,) = [p for p in (tmp_path / 'checkpoints_corrupt').iterdir() if p.is_dir()]
+    assert kept.name.startswith('4.') and (kept / 'state').is_dir()
+    assert 'step 4 failed to restore' in kept.with_name(kept.name + '.txt').read_text()
+    # Training goes on: step 4 is saved afresh, and pruning (keep=2) never reaches the
+    # set-aside copy.
+    for s in (4, 6, 8):
+      assert ckpt.save(s, restored)
+    ckpt.wait()
+    assert ckpt.all_steps() == [6, 8]
+  assert kept.is_dir()
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+  assert any('STEP 4 IS UNREADABLE' in w and 'OUT_OF_RANGE' in w for w in warnings), warnings
+
+
+def test_no_restorable_checkpoint_names_every_step_and_moves_nothing(devices, tmp_path):
+  state = _save_steps(tmp_path, [2, 4])
+  root = tmp_path / 'checkpoints'
+  for s in ('2', '4'):
+    _truncate_largest_array_file(root / s)
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r'tried steps \[4, 2\]'):
+      ckpt.restore_latest(jax.eval_shape(lambda: state))
+  assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ['2', '4']
+  assert not (tmp_path / 'checkpoints_corrupt').exists()
+
+
+def test_restore_params_names_a_corrupt_step(devices, tmp_path):
+  _save_steps(tmp_path, [2, 4])
+  _truncate_largest_array_file(tmp_path / 'checkpoints' / '4')
+  with pytest.raises(checkpoint.CorruptCheckpointError) as e:
+    checkpoint.restore_params(tmp_path)  # Was a bare Exception with a TensorStore spec dump.
+  msg = str(e.value)
+  assert 'step 4' in msg and 'damaged' in msg and 'pass --step with one of [2]' in msg
+  assert len(msg) < 1000
+  _, params = checkpoint.restore_params(tmp_path, 2)
+  np.testing.assert_array_equal(params['w'], _w(2))
+
+
+def test_another_worker_count_is_a_named_error(devices, tmp_path):
+  it = _data_iter()
+  next(it)
+  state = _save_steps(tmp_path, [1], it)
+  with_workers = iter(
+    _dataset(0).batch(LOCAL_BATCH).to_iter_dataset().mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=2)
+    )
+  )  # fmt: skip
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    # Was `KeyError: 'exhausted'` from inside grain.
+    with pytest.raises(
+      checkpoint.DataStateMismatchError,
+      match=r'data.num_workers=0; this run has data.num_workers=2.*--config.data.num_workers=0',
+    ):
+      ckpt.restore_latest(jax.eval_shape(lambda: state), with_workers)
+    assert ckpt.all_steps() == [1]  # Not mistaken for a corrupt checkpoint.
+
+
+@pytest.mark.parametrize('where', ['save', 'wait'])
+def test_disk_full_is_one_clear_error(devices, tmp_path, monkeypatch, where):
+  state = {'w': jnp.zeros(4)}
+  ckpt = checkpoint.Checkpointer(tmp_path, save_every=1)
+  assert ckpt.save(1, state)
+  ckpt.wait()
+  full = OSError(errno.ENOSPC, 'No space left on device')
+
+  def fail(*args, **kwargs):
+    if where == 'save':
+      raise full
+    # An asynchronous save reports it later, wrapped.
+    raise RuntimeError('background save failed') from full
+
+  method = 'save' if where == 'save' else 'wait_until_finished'
+  monkeypatch.setattr(ckpt._manager, method, fail)
+  with pytest.raises(checkpoint.DiskFullError) as e:
+    ckpt.save(2, state)
+    ckpt.wait()
+  msg = str(e.value)
+  assert e.value.errno == errno.ENOSPC and '\n' not in msg
+  assert 'Disk full' in msg and 'step 2' in msg and str(tmp_path / 'checkpoints') in msg
+  assert 'MiB free' in msg and 'last finished checkpoint is step 1' in msg
+  assert e.value.__cause__ is None and e.value.__suppress_context__  # No 600-line chain.
+  monkeypatch.undo()
+  ckpt.close()
