@@ -2,20 +2,36 @@
 
 Without `--config` the embedded demo config (configs/demo.py: synthetic scenes, tiny model)
 runs. Any config field can be overridden with `--config.section.field=value`; an unknown field
-is an error.
+is an error naming the closest valid ones.
+
+The resolved config is stored in the workdir (config.json, config.txt). Running again on the
+same workdir resumes; a config that changes the run (learning rate, model, data, ...) is then
+refused with each differing field listed, unless `--allow_config_change` (see
+`run_config.RESUMABLE` for what may change freely, e.g. a larger train.num_steps).
 """
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 import triplane3d.configs
+from triplane3d import run_config
 
 _DEMO = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+if __name__ == '__main__' and (_error := run_config.unknown_override(sys.argv, _DEMO)):
+  # Before the flag below is defined: ml_collections would raise `AttributeError: "'foo'"`.
+  sys.exit(f'error: {_error}')
 _CONFIG = config_flags.DEFINE_config_file(
   'config', _DEMO, 'Experiment config file (see configs/).', lock_config=True
+)
+_ALLOW_CHANGE = flags.DEFINE_bool(
+  'allow_config_change',
+  False,
+  'Resume a workdir even though the config changes the run (the differing fields are '
+  'logged and the replaced config is kept beside the new one).',
 )
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and images go.')
 _COORDINATOR = flags.DEFINE_string(
@@ -77,7 +93,7 @@ def main(argv):
   _init_distributed()
   from triplane3d import train
 
-  summary = train.run(config, workdir)
+  summary = train.run(config, workdir, allow_config_change=_ALLOW_CHANGE.value)
   logging.info('finished at step %d (preempted: %s)', summary['step'], summary['preempted'])
 
 

@@ -15,10 +15,12 @@ expand them), writes to OUT, with NAME the image file's stem:
 The whole image is the input (no crop): converted to RGB and resized to the backbone's square
 input with PIL's bilinear filter, so a non-square image is squeezed as needed.
 
-The run's config is not stored in its workdir: pass the --config file and every --config.x=y
-override the run was trained with (default: the demo config, as triplane3d.main); parameters
-that do not fit the config are refused with the differing paths listed. Images that cannot be
-read are skipped and listed at the end, and the exit status is then 1.
+Without --config, the config stored in the workdir by training (config.json) is used, with any
+--config.x=y overrides applied to it (e.g. --config.render.chunk=1024); runs older than that
+store none: pass the --config file and every override they were trained with (default: the
+demo config). Parameters that do not fit the config are refused with the differing paths
+listed. Images that cannot be read are skipped and listed at the end, and the exit status is
+then 1.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def reconstruct_files(
 
 def main(argv) -> int:
   """The CLI (flags from `_define_flags`); returns the exit status."""
-  from triplane3d import checkpoint
+  from triplane3d import checkpoint, run_config
 
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -298,14 +300,19 @@ def main(argv) -> int:
   if f.frames < 1:
     raise app.UsageError(f'--frames must be >= 1, got {f.frames}.')
   try:
+    config = f.config
+    stored = None if f['config'].present else run_config.read(f.workdir)
+    if stored is not None:
+      config = run_config.apply_overrides(stored, config_flags.get_override_values(f['config']))
     paths = find_images(f.images)
     check_unique_names(paths)
-    step, params = checkpoint.restore_params(f.workdir, f.step, f.config)
+    step, params = checkpoint.restore_params(f.workdir, f.step, config)
   except (FileNotFoundError, ValueError) as err:
     print(f'error: {err}', file=sys.stderr)
     return 1
-  print(f'step {step} of {f.workdir}: {len(paths)} image(s) → {f.out}', flush=True)
-  recon = Reconstructor(f.config, params, num_frames=f.frames, max_angle=f.max_angle)
+  source = 'its stored config' if stored is not None else f'config {f["config"].config_filename}'
+  print(f'step {step} of {f.workdir} ({source}): {len(paths)} image(s) → {f.out}', flush=True)
+  recon = Reconstructor(config, params, num_frames=f.frames, max_angle=f.max_angle)
   if not recon.has_views:
     print("decoder.kind='conv' has no triplanes: no views.gif is written.", flush=True)
   done, skipped = reconstruct_files(recon, paths, f.out)
@@ -318,13 +325,16 @@ def main(argv) -> int:
 def _define_flags() -> None:
   """Only when run as a program, so that importing this module defines no flags."""
   import triplane3d.configs
+  from triplane3d import run_config
 
   demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+  if error := run_config.unknown_override(sys.argv, demo):
+    sys.exit(f'error: {error}')  # ml_collections would raise `AttributeError: "'foo'"`.
   config_flags.DEFINE_config_file(
     'config',
     demo,
-    'The config file the run was trained with (default: the demo config), followed by the '
-    'same --config.x=y overrides: the workdir does not store them.',
+    'The config file the run was trained with, followed by the same --config.x=y overrides. '
+    'Default: the config stored in --workdir (the demo config for runs that store none).',
     lock_config=True,
   )
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)

@@ -11,6 +11,8 @@ render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from typing import Any
 
@@ -21,7 +23,7 @@ import optax
 from absl import logging
 from etils import epath
 
-from triplane3d import checkpoint, convert, losses, optim, sharding, summaries
+from triplane3d import checkpoint, convert, losses, optim, run_config, sharding, summaries
 from triplane3d.data import pipeline
 from triplane3d.evaluate import reconstruction
 from triplane3d.models.prior3d import Prior3D, unbox
@@ -144,8 +146,39 @@ def _check_intervals(config) -> None:
     )
 
 
-def run(config, workdir: str) -> dict:
+# Weight files `model.init_from` may name; with one of these endings it is never a hub name.
+_WEIGHT_FILES = ('.pth', '.pt', '.bin', '.safetensors', '.msgpack', '.npz', '.pkl')
+
+
+def _check_init_from(init_from: str) -> None:
+  """A mistyped local path is "file not found", not a failed Hugging Face download.
+
+  Hub names are `org/name`; anything else that does not exist (an absolute or relative path
+  with more parts, a weights-file ending, a first part that is a local directory) is a path.
+  """
+  if not init_from or os.path.exists(init_from):
+    return
+  hub_name = (
+    re.fullmatch(r'[\w-][\w.-]*/[\w.-]+', init_from)
+    and not init_from.endswith(_WEIGHT_FILES)
+    and not os.path.isdir(init_from.split('/')[0])
+  )
+  if hub_name:
+    return
+  tilde = ' ("~" is not expanded: write the full path)' if init_from.startswith('~') else ''
+  raise FileNotFoundError(
+    f'model.init_from: file not found: {os.path.abspath(init_from)}{tilde} (given '
+    f'{init_from!r}, relative to {os.getcwd()}). Fix the path, or name a Hugging Face hub '
+    "model as org/name (e.g. 'facebook/dinov2-base')."
+  )
+
+
+def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains (or resumes) to `num_train_steps(config)`; returns a summary of the run.
+
+  The resolved config is stored in the workdir (`run_config`). Resuming with a config that
+  changes the run (learning rate, model, data, ...) raises `run_config.ConfigChangedError`
+  listing each field, unless `allow_config_change`.
 
   Returns:
     {'step': last step reached, 'losses': {step: total loss} for the steps run here,
@@ -156,6 +189,16 @@ def run(config, workdir: str) -> dict:
   config = config.copy_and_resolve_references()
   config.workdir = workdir
   _check_intervals(config)
+  resuming = bool(checkpoint.finished_steps(workdir))
+  if config.loss.dist_weight > 0 or not resuming:  # Otherwise init_from is not read.
+    _check_init_from(config.model.init_from)
+  run_config.check_resume(
+    workdir,
+    config,
+    resuming=resuming,
+    allow_change=allow_config_change,
+    write_files=jax.process_index() == 0,
+  )
 
   # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
   mesh = sharding.make_mesh(config.mesh)
