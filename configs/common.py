@@ -48,6 +48,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.num_coarse = 16
   c.render.num_fine = 16
   c.render.plane_axes = 'xyz'  # 'xyz' (xy, xz, yz) or 'eg3d' (xy, xz, zx: EG3D's bug).
+  # 'box': the planes span the world box (EG3D, the paper). 'frustum': they span the camera's
+  # image coordinates and ray distance, (u, v), (u, t), (v, t) (Camera.frustum_to_box).
+  c.render.plane_space = 'box'
   c.render.white_background = False
   c.render.mlp_hidden = 64
   # Rays per rematerialised chunk: 146 MiB of temporaries for fwd+bwd of one 256² image at

@@ -73,3 +73,24 @@ def test_decoder_with_prior_runs_and_differs():
   cfg.decoder.attention_prior = 'bogus'
   with pytest.raises(ValueError, match='attention_prior'):
     Prior3D.from_config(cfg)
+
+
+def test_frustum_cells_attend_to_their_own_image_position():
+  # In the frustum space a uv cell *is* an image position: cell (i, j) of an L×L plane lies
+  # in patch (i·G // L, j·G // L), whatever the camera's pose.
+  rot = (0.0, 0.0, 1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 0.0)
+  bias = camera_attention_bias(Camera(rotation=rot), 'xyz', L, G, 1.0, 'frustum')
+  for i in range(L):
+    for j in range(L):
+      best = int(np.argmax(bias[i * L + j, 1:]))
+      assert divmod(best, G) == (i * G // L, j * G // L), (i, j)
+  ut = bias[L * L : 2 * L * L, 1:].reshape(L, L, G, G)  # (t row, u column, patch row, column)
+  np.testing.assert_allclose(ut, np.broadcast_to(ut[:1, :, :1, :], ut.shape))  # Only u counts.
+
+
+def test_a_narrower_prior_is_sharper():
+  wide = camera_attention_bias(Camera(), 'xyz', L, G, 1.0)
+  narrow = camera_attention_bias(Camera(), 'xyz', L, G, 0.5)
+  np.testing.assert_allclose(narrow, 4.0 * wide, rtol=1e-6)  # −d²/2σ²: σ/2 → 4× the logits.
+  with pytest.raises(ValueError, match='attention_prior_sigma'):
+    camera_attention_bias(Camera(), 'xyz', L, G, 0.0)

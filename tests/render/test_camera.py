@@ -87,3 +87,30 @@ def test_corner_check_agrees_with_dense_check():
     rel = np.abs(cam.frustum_corners() - np.asarray(cam.box_center)).max() * 2 / cam.box_size
     if abs(rel - 1.0) > 0.02:
       assert ok == (_inside_fraction(cam, 64) == 1.0)
+
+
+@pytest.mark.parametrize('rotated', [False, True])
+def test_frustum_to_box_maps_each_pixel_ray_to_its_image_position(rotated):
+  # Independent of the warp's formula: rays are built from pixel centres, so every point on the
+  # ray of pixel (i, j) must land at box coordinates ((j + ½)/R, (i + ½)/R) scaled to the box,
+  # and the third coordinate must follow the distance t linearly over the sampled range.
+  c, s = np.cos(0.3), np.sin(0.3)
+  rot = (c, 0.0, s, 0.0, 1.0, 0.0, -s, 0.0, c) if rotated else Camera().rotation
+  cam = Camera(rotation=rot, position=(0.2, -0.1, 0.3) if rotated else (0.0, 0.0, 0.0))
+  r = 9
+  origins, dirs = cam.rays(r)
+  t = np.linspace(*cam.sample_range, 5)
+  pts = origins[..., None, :] + dirs[..., None, :] * t[:, None]  # (R, R, T, 3)
+  unit = (cam.frustum_to_box(pts) - np.asarray(cam.box_center)) / (cam.box_size / 2)
+  i, j = np.meshgrid(np.arange(r), np.arange(r), indexing='ij')
+  np.testing.assert_allclose(
+    unit[..., 0], np.broadcast_to((2 * (j + 0.5) / r - 1)[..., None], unit.shape[:-1]), atol=1e-12
+  )
+  np.testing.assert_allclose(
+    unit[..., 1], np.broadcast_to((2 * (i + 0.5) / r - 1)[..., None], unit.shape[:-1]), atol=1e-12
+  )
+  np.testing.assert_allclose(
+    unit[..., 2], np.broadcast_to(np.linspace(-1, 1, 5), unit.shape[:-1]), atol=1e-12
+  )
+  behind = cam.frustum_to_box(np.asarray(cam.position) - 1.0 * dirs[0, 0])
+  assert np.all(np.abs(behind - np.asarray(cam.box_center)) > cam.box_size / 2)

@@ -259,3 +259,30 @@ def test_options_from_config_and_ray_table():
   np.testing.assert_array_equal(origins, want_o.reshape(-1, 3))
   with pytest.raises(ValueError):
     RenderOptions(num_coarse=3, num_fine=4)
+
+
+@pytest.mark.parametrize('space', ['box', 'frustum'])
+def test_frustum_space_reads_one_uv_texel_per_ray(space):
+  # A uv plane holding an image at the render resolution, the other planes zero, an opaque
+  # decoder whose colour is its input: in the frustum space each pixel's ray reads its own
+  # texel at every sample, so the render is the image (÷ 3, the mean over planes). In the box
+  # space rays cross texels as the depth grows and the render is a blend.
+  r = 8
+  image = np.random.default_rng(0).uniform(size=(r, r, 3))
+  planes = np.zeros((3, r, r, 3))
+  planes[0] = image
+
+  def decode(params, feats):
+    del params
+    return feats, jnp.full((*feats.shape[:-1], 1), 50.0, feats.dtype)
+
+  options = RenderOptions(resolution=r, num_coarse=8, num_fine=8, chunk=0, plane_space=space)
+  with jax.enable_x64(True):
+    out = render_image(
+      jnp.asarray(planes), None, jax.random.key(0), decode_fn=decode, options=options
+    )
+    got = np.asarray(out.rgb).reshape(r, r, 3) * 3.0
+  if space == 'frustum':
+    np.testing.assert_allclose(got, image, atol=1e-9)
+  else:
+    assert np.abs(got - image).max() > 0.05

@@ -1,6 +1,7 @@
 """A camera-derived locality prior for the decoder's cross-attention (optional).
 
-With one fixed camera, every triplane cell is seen by a known part of the image: a cell of the
+With one fixed camera, every triplane cell is seen by a known part of the image. In the box
+plane space (EG3D's), a cell of the
 xy plane at (x, y) projects near image point (cx + fx·x/z, cy + fy·y/z) for z around the box
 centre; a cell of the xz plane at (x, z) projects exactly to image column u = cx + fx·x/z (any
 row); a cell of the yz plane at (y, z) to image row v = cy + fy·y/z (any column). The paper's
@@ -27,15 +28,22 @@ from triplane3d.render.planes import PLANE_AXES
 
 @functools.lru_cache(maxsize=16)
 def camera_attention_bias(
-  camera: Camera, plane_axes: str, low_res: int, grid: int, sigma_patches: float = 1.0
+  camera: Camera,
+  plane_axes: str,
+  low_res: int,
+  grid: int,
+  sigma_patches: float = 1.0,
+  plane_space: str = 'box',
 ) -> np.ndarray:
   """Attention-logit bias (3·L², 1 + g²), float32, for L×L plane cells and a g×g patch grid.
 
   Rows follow the decoder's embedding order (plane, row, column); columns are [cls, patches in
-  row-major order]. `sigma_patches`: the Gaussian's width in patches. Needs a camera looking
-  down +z (identity rotation).
+  row-major order]. `sigma_patches`: the Gaussian's width in patches. `plane_space`: the
+  renderer's ('box': cells are world points, projected; 'frustum': cells are image
+  coordinates and ray distances already, `Camera.frustum_to_box`). The box space needs a
+  camera looking down +z (identity rotation).
   """
-  if not np.allclose(camera.rotation_matrix, np.eye(3)):
+  if plane_space == 'box' and not np.allclose(camera.rotation_matrix, np.eye(3)):
     raise ValueError(
       "decoder.attention_prior='camera' assumes a camera looking down +z (identity rotation); "
       "use decoder.attention_prior='none' with a rotated camera."
@@ -52,15 +60,22 @@ def camera_attention_bias(
   sigma = sigma_patches / grid
   rows = []
   for axes in PLANE_AXES[plane_axes]:
-    world = {axes[0]: box_c[axes[0]] + half * col, axes[1]: box_c[axes[1]] + half * row}
-    z = world.get(2, np.full_like(col, box_c[2])) - pos[2]  # xy plane: the box centre's depth.
+    image = {}  # Image coordinate (0: u, 1: v) each cell projects to, where the plane fixes it.
+    if plane_space == 'frustum':  # Cells already are (u, v, distance) in [-1, 1].
+      for axis, unit in zip(axes, (col, row)):
+        if axis < 2:
+          image[axis] = (unit + 1.0) / 2.0
+    else:
+      world = {axes[0]: box_c[axes[0]] + half * col, axes[1]: box_c[axes[1]] + half * row}
+      z = world.get(2, np.full_like(col, box_c[2])) - pos[2]  # xy plane: the box centre's depth.
+      if 0 in world:  # The plane fixes the image column.
+        image[0] = camera.cx + camera.fx * (world[0] - pos[0]) / z
+      if 1 in world:  # ... and / or the image row.
+        image[1] = camera.cy + camera.fy * (world[1] - pos[1]) / z
     d2 = np.zeros((low_res * low_res, grid * grid))
-    if 0 in world:  # The plane fixes the image column.
-      u = camera.cx + camera.fx * (world[0] - pos[0]) / z
-      d2 += np.square(u.reshape(-1, 1) - pu[None])
-    if 1 in world:  # ... and / or the image row.
-      v = camera.cy + camera.fy * (world[1] - pos[1]) / z
-      d2 += np.square(v.reshape(-1, 1) - pv[None])
+    for axis, centre in ((0, pu), (1, pv)):
+      if axis in image:
+        d2 += np.square(image[axis].reshape(-1, 1) - centre[None])
     rows.append(-d2 / (2.0 * sigma**2))
   bias = np.concatenate(rows, axis=0)
   return np.concatenate([np.zeros((len(bias), 1)), bias], axis=1).astype(np.float32)

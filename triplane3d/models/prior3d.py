@@ -57,6 +57,7 @@ class Prior3D:
         prior_camera=camera if prior == 'camera' else None,
         prior_sigma=float(config.decoder.attention_prior_sigma),
         plane_axes=str(config.render.plane_axes),
+        plane_space=str(config.render.plane_space),
       )
       mlp = PointMLP(config.render.mlp_hidden)
     elif config.decoder.kind == 'conv':

@@ -147,7 +147,8 @@ class TriplaneDecoder(nn.Module):
       patches it projects to (`attention_prior.camera_attention_bias`); None: the paper's
       decoder.
     prior_sigma: the prior's width in patches.
-    plane_axes: the renderer's plane order ('xyz' / 'eg3d'), for the prior.
+    plane_axes, plane_space: the renderer's plane order ('xyz' / 'eg3d') and space ('box' /
+      'frustum'), for the prior.
   """
 
   width: int = 512
@@ -160,6 +161,7 @@ class TriplaneDecoder(nn.Module):
   prior_camera: Camera | None = None
   prior_sigma: float = 1.0
   plane_axes: str = 'xyz'
+  plane_space: str = 'box'
 
   @classmethod
   def from_config(cls, decoder_cfg, **kw) -> TriplaneDecoder:
@@ -198,7 +200,9 @@ class TriplaneDecoder(nn.Module):
         raise ValueError(
           f'the attention prior needs h = cls + a square patch grid, got {h_bne.shape}.'
         )
-      bias = camera_attention_bias(self.prior_camera, self.plane_axes, l, grid, self.prior_sigma)
+      bias = camera_attention_bias(
+        self.prior_camera, self.plane_axes, l, grid, self.prior_sigma, self.plane_space
+      )
       bias = bias.astype(self.dtype)
     for i in range(self.num_layers):
       x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne, bias)

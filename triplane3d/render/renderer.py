@@ -46,6 +46,8 @@ class RenderOptions:
     num_coarse: stratified samples per ray (>= 4 when num_fine > 0).
     num_fine: importance samples per ray (0: coarse only).
     plane_axes: 'xyz' or 'eg3d' (see planes.py).
+    plane_space: 'box' (EG3D: planes span the world box) or 'frustum' (planes span the
+      camera's image coordinates and ray distance: `Camera.frustum_to_box`).
     white_background: composite onto white instead of black.
     chunk: rays per rematerialised chunk; 0 renders all rays at once (no remat).
     rays_per_image: > 0: render only this many random rays per image (training).
@@ -57,6 +59,7 @@ class RenderOptions:
   num_coarse: int = 16
   num_fine: int = 16
   plane_axes: str = 'xyz'
+  plane_space: str = 'box'
   white_background: bool = False
   chunk: int = 8192
   rays_per_image: int = 0
@@ -68,6 +71,8 @@ class RenderOptions:
       raise ValueError(f'num_coarse={self.num_coarse} is too small for num_fine={self.num_fine}.')
     if not 0 <= self.rays_per_image <= self.resolution**2:
       raise ValueError(f'rays_per_image must be in [0, resolution²], got {self.rays_per_image}.')
+    if self.plane_space not in ('box', 'frustum'):
+      raise ValueError(f"render.plane_space must be 'box' or 'frustum', got {self.plane_space!r}.")
     if self.chunk < 0:
       raise ValueError(f'chunk must be >= 0, got {self.chunk}.')
 
@@ -83,6 +88,7 @@ class RenderOptions:
       num_coarse=int(render_cfg.num_coarse),
       num_fine=int(render_cfg.num_fine),
       plane_axes=str(render_cfg.plane_axes),
+      plane_space=str(render_cfg.plane_space),
       white_background=bool(render_cfg.white_background),
       chunk=int(render_cfg.chunk),
       rays_per_image=int(render_cfg.rays_per_image),
@@ -143,9 +149,10 @@ def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, option
   n, k = depths_nk.shape
   points_nk3 = origins_n3[:, None, :] + dirs_n3[:, None, :] * depths_nk[..., None]
   cam = options.camera
-  feats = sample_planes_mean(
-    planes, points_nk3.reshape(n * k, 3), cam.box_size, options.plane_axes, cam.box_center
-  )
+  points = points_nk3.reshape(n * k, 3)
+  if options.plane_space == 'frustum':
+    points = cam.frustum_to_box(points, xp=jnp)
+  feats = sample_planes_mean(planes, points, cam.box_size, options.plane_axes, cam.box_center)
   rgb, raw = decode_fn(mlp_params, feats)
   # March in the planes' precision (float32, or float64 in tests) whatever decode_fn used.
   return rgb.astype(planes.dtype).reshape(n, k, 3), raw.astype(planes.dtype).reshape(n, k)
