@@ -1,0 +1,1 @@
+"""Evaluation configs: `python -m triplane3d.evaluate --config=configs/eval/<suite>.py`."""

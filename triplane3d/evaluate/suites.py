@@ -1,0 +1,223 @@
+"""The evaluation suites and their lookup: `resolve(config, workdir)` → suites to run, in order.
+
+  synthetic   synthetic scenes: shape top-1, novel textures, other sizes, cue-conflict shape bias,
+              exact-depth probe (synthetic_suite.py; runs anywhere)
+  imagenet    DINOv2 linear probe on imagenet2012, the head then scored unchanged on the
+              robustness sets (ImageNet-R, ImageNet-Sketch; each restricted to the classes it has)
+  shape_bias  Geirhos cue-conflict images through the ImageNet head (needs imagenet in the run)
+  inat21      DINOv2 linear probe on i_naturalist2021
+  nyu_depth   the per-patch ridge depth probe of depth_probe.py on nyu_depth_v2 (a stand-in for
+              DINOv2's bins + SigLoss protocol, which is not implemented)
+  all         every suite above
+
+A suite has `name`, `columns` ((key, title, higher is better, 'percent' | 'float') of its
+headline metrics), `check()` (dataset lookup; raises before any work), `image_sets()`
+([(key, features.ImageSet, with_patches)]), `protocol()` and `evaluate(feats, context)` →
+{'metrics', 'details'[, 'baselines', 'arrays']} ('baselines': {metric key: (value of a
+trivial predictor, its name)}), where `context` holds the results of the suites before it
+for the same backbone (shape_bias reads the ImageNet head from it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from triplane3d.evaluate import datasets, depth_probe, features, linear, shape_bias
+from triplane3d.evaluate.synthetic_suite import SyntheticSuite, probe_settings
+
+ORDER = ('synthetic', 'imagenet', 'shape_bias', 'inat21', 'nyu_depth')
+
+
+class UnknownSuiteError(ValueError):
+  """A suite name that is not in ORDER (nor 'all')."""
+
+
+def _fit(config, train: dict, val: dict, num_classes: int) -> tuple[dict, dict]:
+  p = probe_settings(config.probe, len(train['cls']))
+  tr, va = features.variants(train), features.variants(val)
+  grid = linear.fit_and_score_variants(
+    {k: (tr[k], va[k]) for k in tr},
+    train['meta_label'],
+    val['meta_label'],
+    num_classes,
+    lrs=p['lrs'],
+    epochs=p['epochs'],
+    batch_size=p['batch_size'],
+    seed=p['seed'],
+  )
+  return grid, p
+
+
+class ClassificationSuite:
+  """Linear probe on a TFDS classification dataset (config section `config[name]`), the head
+  scored on `robustness` sets ('dataset:split'), each restricted to the labels it contains."""
+
+  def __init__(self, name: str, config, workdir: str):
+    del workdir
+    self.name, self.config, self.c = name, config, config[name]
+    self.robustness = [tuple(s.split(':', 1)) for s in self.c.robustness]
+    self.columns = [('top1', f'{name} top-1', True, 'percent')] + [
+      (f'{ds}_top1', f'{ds} top-1', True, 'percent') for ds, _ in self.robustness
+    ]
+    self.sets: dict = {}
+
+  def check(self) -> None:
+    c, s = self.c, int(self.config.img_size)
+    found = datasets.find_all(
+      self.config.data_dir,
+      [(c.dataset, [c.train_split, c.val_split])] + [(ds, [sp]) for ds, sp in self.robustness],
+    )
+    b = found[c.dataset]
+    self.sets = {
+      'train': datasets.TfdsImages(
+        f'{c.dataset}_{c.train_split}', b, c.train_split, s, c.max_train
+      ),
+      'val': datasets.TfdsImages(f'{c.dataset}_{c.val_split}', b, c.val_split, s, c.max_val),
+    }
+    for ds, split in self.robustness:
+      self.sets[ds] = datasets.TfdsImages(f'{ds}_{split}', found[ds], split, s)
+
+  def image_sets(self):
+    return [(k, v, False) for k, v in self.sets.items()]
+
+  def protocol(self) -> dict:
+    return {
+      'img_size': int(self.config.img_size),
+      'sets': {k: v.identity for k, v in self.sets.items()},
+      'num_classes': int(self.c.num_classes),
+      'probe': probe_settings(self.config.probe, len(self.sets['train'])),
+      'augmentation': 'none (features of centre crops; DINOv2 trains on random-resized crops)',
+    }
+
+  def evaluate(self, feats: dict, context: dict) -> dict:
+    del context
+    grid, _ = _fit(self.config, feats['train'], feats['val'], int(self.c.num_classes))
+    head, variant = grid['head'], grid['variant']
+    metrics = {'top1': grid['accuracy']}
+    for ds, _ in self.robustness:
+      y = feats[ds]['meta_label']
+      subset = np.unique(y) if len(np.unique(y)) < int(self.c.num_classes) else None
+      x = features.variants(feats[ds])[variant]
+      metrics[f'{ds}_top1'] = linear.score(head, x, y, class_subset=subset)
+    details = {'probe': {'variant': variant, 'lr': grid['lr'], 'table': _str_keys(grid['table'])}}
+    return {'metrics': metrics, 'details': details, 'arrays': {'w': head['w'], 'b': head['b']}}
+
+
+class ShapeBiasSuite:
+  """Cue-conflict shape bias (shape_bias.py) of the ImageNet head on `config.shape_bias`."""
+
+  name = 'shape_bias'
+  columns = (('shape_bias', 'cue-conflict shape bias', True, 'percent'),)
+
+  def __init__(self, config, workdir: str):
+    del workdir
+    self.config, self.c = config, config.shape_bias
+    self.sets: dict = {}
+
+  def check(self) -> None:
+    c = self.c
+    b = datasets.find(self.config.data_dir, c.dataset, [c.split])
+    self.sets = {
+      'cue_conflict': datasets.TfdsImages(c.dataset, b, c.split, int(self.config.img_size))
+    }
+
+  def image_sets(self):
+    return [('cue_conflict', self.sets['cue_conflict'], False)]
+
+  def protocol(self) -> dict:
+    return {
+      'img_size': int(self.config.img_size),
+      'set': self.sets['cue_conflict'].identity,
+      'decision': "ImageNet head softmax, mean over each category's classes, argmax of 16",
+    }
+
+  def evaluate(self, feats: dict, context: dict) -> dict:
+    imagenet = context['imagenet']
+    variant = imagenet['details']['probe']['variant']
+    x = features.variants(feats['cue_conflict'])[variant]
+    logits = x @ imagenet['arrays']['w'] + imagenet['arrays']['b']
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    decisions = np.argmax(shape_bias.imagenet_to_16(probs), axis=1)
+    r = shape_bias.shape_bias(feats['cue_conflict']['meta_file_name'], decisions)
+    return {'metrics': {'shape_bias': r['shape_bias']}, 'details': {'cue_conflict': r}}
+
+
+class NyuDepthSuite:
+  """depth_probe.py on NYU-Depth v2: fit on `num_train` train images, α on the next `num_val`
+  train images, RMSE on `num_test` images of the test split."""
+
+  name = 'nyu_depth'
+  columns = (('rmse', 'NYU depth RMSE (ridge)', False, 'float'),)
+
+  def __init__(self, config, workdir: str):
+    del workdir
+    self.config, self.c = config, config.nyu_depth
+    if int(self.c.depth_sub) not in (1, 2, 7, 14):
+      raise ValueError(f'nyu_depth.depth_sub must be 1, 2, 7 or 14, got {self.c.depth_sub}.')
+    self.sets: dict = {}
+
+  def check(self) -> None:
+    c, s = self.c, int(self.config.img_size)
+    b = datasets.find(self.config.data_dir, c.dataset, [c.train_split, c.test_split])
+    kw = {'depth_sub': int(c.depth_sub)}
+    name = c.dataset
+    self.sets = {
+      'depth_train': datasets.TfdsImages(f'{name}_fit', b, c.train_split, s, c.num_train, **kw),
+      'depth_val': datasets.TfdsImages(
+        f'{name}_select', b, c.train_split, s, c.num_val, skip=c.num_train, **kw
+      ),
+      'depth_test': datasets.TfdsImages(f'{name}_test', b, c.test_split, s, c.num_test, **kw),
+    }
+
+  def image_sets(self):
+    return [(k, v, True) for k, v in self.sets.items()]
+
+  def protocol(self) -> dict:
+    return {
+      'img_size': int(self.config.img_size),
+      'sets': {k: v.identity for k, v in self.sets.items()},
+      'depth_probe_version': depth_probe.VERSION,
+    }
+
+  def evaluate(self, feats: dict, context: dict) -> dict:
+    del context
+    r = depth_probe.evaluate(feats['depth_train'], feats['depth_val'], feats['depth_test'])
+    base = {'rmse': (r['baselines']['mean_map']['rmse'], 'mean map')}
+    return {'metrics': {'rmse': r['rmse']}, 'baselines': base, 'details': {'depth': r}}
+
+
+def _str_keys(table: dict) -> dict:
+  return {v: {str(lr): a for lr, a in t.items()} for v, t in table.items()}
+
+
+def _names(spec) -> list[str]:
+  items = [spec] if isinstance(spec, str) else list(spec)
+  return [s.strip() for item in items for s in str(item).split(',') if s.strip()]
+
+
+def resolve(config, workdir: str) -> list:
+  """The suites `config.suites` names ('a,b' or 'all'), in ORDER; raises UnknownSuiteError."""
+  names = _names(config.suites)
+  known = (*ORDER, 'all')
+  unknown = [n for n in names if n not in known]
+  if unknown or not names:
+    raise UnknownSuiteError(
+      f'unknown suite(s) {unknown or names}; pass --config.suites with one or more of '
+      f'{", ".join(known)} (comma-separated), or a config from configs/eval/.'
+    )
+  wanted = set(ORDER) if 'all' in names else set(names)
+  if 'shape_bias' in wanted and 'imagenet' not in wanted:
+    raise UnknownSuiteError(
+      'suite shape_bias reads the ImageNet linear head, so it needs the imagenet suite in the '
+      'same run: pass --config.suites=imagenet,shape_bias (cached ImageNet features and probes '
+      'in the same --workdir are reused).'
+    )
+  make = {
+    'synthetic': lambda: SyntheticSuite(config, workdir),
+    'imagenet': lambda: ClassificationSuite('imagenet', config, workdir),
+    'shape_bias': lambda: ShapeBiasSuite(config, workdir),
+    'inat21': lambda: ClassificationSuite('inat21', config, workdir),
+    'nyu_depth': lambda: NyuDepthSuite(config, workdir),
+  }
+  return [make[n]() for n in ORDER if n in wanted]
