@@ -170,11 +170,17 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   assert result['step'] == 2 and all(np.isfinite(v) for v in result['losses'].values())
   # The trained backbone exports to official DINOv2 keys and loads back unchanged.
   out = str(tmp_path / 'backbone.pth')
-  subprocess.run(
+  done = subprocess.run(
     [sys.executable, '-m', 'triplane3d.convert.export', f'--workdir={workdir}', f'--out={out}'],
     check=True,
+    capture_output=True,
+    text=True,
     env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
   )
+  # The console says what was written, not orbax's chatter or runpy / torch warnings.
+  assert f'wrote {out}' in done.stdout
+  noise = done.stderr.strip().splitlines()
+  assert len(noise) <= 1 and 'Warning' not in done.stderr, done.stderr
   assert os.stat(out).st_mode & 0o777 == 0o666 & ~_umask()  # Not private (was 0600).
   # An existing file is not replaced without --overwrite.
   refused = subprocess.run(
@@ -228,6 +234,14 @@ def test_metrics_list_each_step_once_after_a_crash_and_resume(data_dir, tmp_path
   lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [x['step'] for x in lines] == [1, 2, 3, 4]
   assert lines[-1]['total'] == pytest.approx(resumed['losses'][4])
+  # The first step of each process (1, and 3 after the resume) compiles: it is timed on its
+  # own and never counted in images/s.
+  assert [('first_step_s' in x, 'images_per_sec' in x) for x in lines] == [
+    (True, False),
+    (False, True),
+    (True, False),
+    (False, True),
+  ]
 
 
 @pytest.fixture(scope='module')

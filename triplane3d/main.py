@@ -10,7 +10,6 @@ refused with each differing field listed, unless `--allow_config_change` (see
 `run_config.RESUMABLE` for what may change freely, e.g. a larger train.num_steps).
 """
 
-import logging as std_logging
 import os
 import sys
 
@@ -18,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import triplane3d.configs
-from triplane3d import run_config
+from triplane3d import console, run_config
 
 _DEMO = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
 if __name__ == '__main__' and (_error := run_config.unknown_override(sys.argv, _DEMO)):
@@ -69,27 +68,23 @@ def _init_distributed():
     jax.distributed.initialize()
 
 
-_NOISY = ('/orbax/', '/grain/', '/etils/', '/tensorflow_datasets/', '/jax/_src/xla_bridge')
-
-
-class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax and grain (every save logs dozens of lines), so the
-  progress bar and our own messages stay readable; their warnings and errors still show."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    noisy = any(p in record.pathname for p in _NOISY)
-    return record.levelno >= std_logging.WARNING or not noisy
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  console.quiet_libraries()
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir
   if not workdir:
     raise app.UsageError('pass --workdir=DIR (or set config.workdir).')
-  logging.info('config:\n%s', config)
+  # One line, not the whole config (~110 lines): train.run stores it in the workdir.
+  overrides = config_flags.get_override_values(flags.FLAGS['config'])
+  logging.info(
+    'config %s%s; workdir %s (full config: %s)',
+    config_flags.get_config_filename(flags.FLAGS['config']),
+    f' with {overrides}' if overrides else '',
+    workdir,
+    os.path.join(workdir, 'config.txt'),
+  )
   _init_distributed()
   from triplane3d import train
 

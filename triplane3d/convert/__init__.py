@@ -1,6 +1,20 @@
-"""DINOv2 checkpoint import (`load_dinov2`) and export (`save_dinov2`)."""
+"""DINOv2 checkpoint import (`load_dinov2`) and export (`save_dinov2`).
 
-from triplane3d.convert.export import save_dinov2, to_dinov2_state_dict
+The export names load on first use, so that `python -m triplane3d.convert.export` does not
+find its own module already imported by this package (runpy warns about that).
+"""
+
 from triplane3d.convert.load import CheckpointError, infer_variant, load_dinov2
+
+_EXPORT = ('save_dinov2', 'to_dinov2_state_dict')
+
+
+def __getattr__(name: str):
+  if name in _EXPORT:
+    from triplane3d.convert import export
+
+    return getattr(export, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
 
 __all__ = ['CheckpointError', 'infer_variant', 'load_dinov2', 'save_dinov2', 'to_dinov2_state_dict']

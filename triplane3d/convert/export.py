@@ -43,7 +43,7 @@ def save_dinov2(params: dict, path: str) -> None:
     elif path.endswith(('.pth', '.pt')):
       import torch
 
-      torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp)
+      torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, tmp)  # Writable.
     else:
       raise ValueError(f'unknown export format {path!r}: use .safetensors or .pth.')
     # mkstemp creates the file private (0600); give it the permissions a plain write would.
@@ -65,9 +65,12 @@ def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
 
 
 def main(argv):
-  from absl import app, flags, logging
+  from absl import app, flags
+
+  from triplane3d import console
 
   del argv
+  console.quiet_libraries()
   f = flags.FLAGS
   if os.path.exists(f.out) and not f.overwrite:
     raise app.UsageError(
@@ -75,7 +78,7 @@ def main(argv):
     )
   params = backbone_from_checkpoint(f.workdir, f.step)
   save_dinov2(params, f.out)
-  logging.info('wrote %s (%d tensors)', f.out, len(to_dinov2_state_dict(params)))
+  print(f'wrote {f.out} ({len(to_dinov2_state_dict(params))} tensors)')
 
 
 if __name__ == '__main__':
