@@ -118,3 +118,14 @@ def test_mistyped_init_from_path_is_file_not_found(tmp_path, monkeypatch):
     train._check_init_from('weights/dinov2_vitb14')  # A local folder: a path.
   for name in ('facebook/dinov2-base', ''):  # Hub names go on to the download.
     train._check_init_from(name)
+
+
+def test_a_field_added_later_is_no_change_at_its_default(tmp_path):
+  # A run stored before render.plane_space existed resumes with the field at its default
+  # (the old behaviour); a non-default value for it is a change.
+  old = _stored('d')
+  del old.render['plane_space']
+  new = _stored('d')
+  assert run_config.differences(old, new) == []
+  new.render.plane_space = 'frustum'
+  assert run_config.differences(old, new) == [('render.plane_space', '<absent>', 'frustum')]

@@ -101,13 +101,22 @@ def read(workdir: str) -> mlc.ConfigDict | None:
 
 
 def differences(stored: mlc.ConfigDict, new: mlc.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """(field, stored value, new value) for every field that differs, sorted by field."""
+  """(field, stored value, new value) for every field that differs, sorted by field.
+
+  A field the stored config lacks (it was added to the project after that run started) is
+  no difference when the new value is the field's default in `configs/common.py`: a new field
+  defaults to the behaviour the project had before it existed.
+  """
+  from triplane3d.configs import common
+
   a = _flat(_plain(stored.to_dict()))
   b = _flat(_plain(json.loads(to_json(new))))  # Through JSON, as the stored one went.
+  defaults = _flat(_plain(json.loads(to_json(common.get_base_config()))))
   return [
     (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
     for k in sorted(set(a) | set(b))
     if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    and not (k not in a and k in defaults and b.get(k) == defaults[k])
   ]
 
 
