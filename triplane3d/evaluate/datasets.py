@@ -78,8 +78,9 @@ def find(data_dir: str, name: str, splits) -> tfds.core.DatasetBuilder:
       f'dataset {name!r} in {directory} has splits {have}, not {missing}; prepare the missing '
       f"splits ({how}) or set the suite's split names in the config."
     )
-  fmt = str(getattr(builder.info, 'file_format', '') or '')
-  if fmt and 'array_record' not in fmt:
+  fmt = getattr(builder.info, 'file_format', None)  # A tfds FileFormat enum, or None.
+  fmt = str(getattr(fmt, 'value', fmt or ''))
+  if fmt and 'array_record' not in fmt.lower():
     raise DatasetMissingError(
       f'dataset {name!r} in {directory} is stored as {fmt}, which needs TensorFlow to read; '
       f'rebuild it as ArrayRecord: tfds build {name} --data_dir={root} '
