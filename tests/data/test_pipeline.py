@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from triplane3d.data import pipeline, sources, transforms
+from triplane3d.data import pipeline, records, sources, transforms
 
 
 @pytest.fixture(scope='module')
@@ -203,3 +203,25 @@ def test_nearly_flat_depth_maps_are_flat_and_real_ranges_stretch():
   ramp = np.linspace(3.0, 3.03, 256).reshape(16, 16)  # 1 % range: real structure.
   mapped = transforms.map_depth(ramp, 1.5, 2.5, 'minmax')
   np.testing.assert_allclose([mapped.min(), mapped.max()], [1.5, 2.5], atol=1e-5)
+
+
+def test_missing_datasets_name_the_command_that_makes_them(tmp_path):
+  # Instead of TFDS's DatasetNotFoundError and its catalogue of ~1,000 names.
+  dft.write(tmp_path, n=4)
+  c = dft.config(tmp_path, batch_size=2)
+  c.data.depth_name = 'posimg_zoe'
+  with pytest.raises(records.DatasetMissingError) as e:
+    pipeline.create(c, process_index=0, process_count=1)
+  msg = str(e.value)
+  assert f"dataset 'posimg_zoe' not found in data_dir {tmp_path}" in msg
+  assert 'python -m triplane3d.data.precompute_depth --name=posimg' in msg
+  assert '--depth_name=posimg_zoe' in msg and 'Available datasets' not in msg
+  c.data.name, c.data.depth_name = 'imagenet2012', ''
+  with pytest.raises(records.DatasetMissingError, match=r'triplane3d\.data\.import_folder'):
+    pipeline.create(c, process_index=0, process_count=1)
+
+
+def test_an_empty_split_is_a_named_error(tmp_path):
+  dft.write(tmp_path, n=0, num_shards=1)
+  with pytest.raises(ValueError, match="split 'train' of 'posimg' has no records"):
+    pipeline.create(dft.config(tmp_path, batch_size=2), process_index=0, process_count=1)

@@ -169,15 +169,41 @@ def write_dataset(
   finalize(data_dir, name, features, description)
 
 
-def open_split(data_dir: str, name: str, split: str, raw_images: bool = True):
+class DatasetMissingError(FileNotFoundError):
+  """A dataset the run needs is not in its data_dir."""
+
+
+def open_split(data_dir: str, name: str, split: str, raw_images: bool = True, make: str = ''):
   """A random-access TFDS data source over one split (records as dicts of numpy / bytes).
 
   Args:
     data_dir: TFDS data dir ('' for the TFDS default).
     raw_images: leave image features as encoded bytes, so decoding happens in the grain
       workers (and a corrupt image can be skipped there instead of failing the read).
+    make: how to make the dataset, for the error when it is missing.
+
+  Raises:
+    DatasetMissingError: no prepared dataset `name` in `data_dir` (instead of TFDS's
+      DatasetNotFoundError listing its whole catalogue).
+    ValueError: the split has no records.
   """
-  builder = tfds.builder(name, data_dir=data_dir or None)
+  where = data_dir or '~/tensorflow_datasets (the TFDS default)'
+  try:
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    prepared = builder.is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    prepared = False
+  if not prepared:
+    raise DatasetMissingError(
+      f'dataset {name!r} not found in data_dir {where}. '
+      + (make or 'Check data.name / data.data_dir.')
+    )
+  info = builder.info.splits
+  if split in info and info[split].num_examples == 0:
+    raise ValueError(
+      f'split {split!r} of {name!r} has no records (data_dir {where}): nothing to train or '
+      'evaluate on. Re-import or rebuild it with images, or choose another split / data.name.'
+    )
   decoders = None
   if raw_images:
     decoders = {

@@ -106,8 +106,22 @@ class ImageDepthSource:
 
   def _sources(self):
     if self._images is None:
-      self._images = records.open_split(self.data_dir, self.name, self.split)
-      self._depth = records.open_split(self.data_dir, self.depth_name, self.split)
+      self._images = records.open_split(
+        self.data_dir,
+        self.name,
+        self.split,
+        make='Import a folder of images with `python -m triplane3d.data.import_folder`, build '
+        f'it with `tfds build {self.name} --file_format=array_record`, or fix data.name / '
+        'data.data_dir.',
+      )
+      cmd = update_command(self.data_dir, self.name, self.depth_name, self.split, None)
+      self._depth = records.open_split(
+        self.data_dir,
+        self.depth_name,
+        self.split,
+        make=f'Make it with\n  {cmd}\n(MODEL: a depth model, e.g. Intel/zoedepth-nyu-kitti), '
+        'or set data.depth_name to the one you made.',
+      )
     return self._images, self._depth
 
   def __getstate__(self):
