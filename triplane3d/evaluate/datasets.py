@@ -24,6 +24,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from triplane3d.data import images as images_lib
+from triplane3d.data.records import DatasetMissingError  # One error for every missing dataset.
 
 _FOLDER = (
   'or import an image folder (one sub-folder per class) with python -m '
@@ -42,10 +43,6 @@ HOW_TO = {
   'triplane3d.data.import_folder --src=texture-vs-shape/stimuli/style-transfer-preprocessed-512 '
   '--name=cue_conflict --data_dir={data_dir}',
 }
-
-
-class DatasetMissingError(FileNotFoundError):
-  """An evaluation dataset (or split) that is not in the data_dir (the message says how)."""
 
 
 def _root(data_dir: str) -> str:
