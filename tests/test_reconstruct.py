@@ -240,3 +240,16 @@ def test_grid_tiles_are_large_with_a_header_and_a_colour_bar():
   right = grid[rows[0] :, blue_cols[-1] + 1 :]
   assert np.all(right == [253, 231, 37], axis=-1)[0].any()
   assert np.all(right == [68, 1, 84], axis=-1)[-1].any()
+
+
+def test_load_image_decodes_like_training(tmp_path):
+  # reconstruct reads files through the training decoder: a 16-bit greyscale PNG is the same
+  # picture as its 8-bit version (PIL's own I;16 → RGB conversion clips it to near white).
+  ramp = np.tile(np.linspace(0, 65535, 40).astype(np.uint16), (40, 1))
+  Image.fromarray(ramp).save(tmp_path / 'deep.png')
+  Image.fromarray(np.round(ramp / 257).astype(np.uint8)).convert('RGB').save(tmp_path / 'flat.png')
+  np.testing.assert_allclose(
+    load_image(str(tmp_path / 'deep.png'), 28),
+    load_image(str(tmp_path / 'flat.png'), 28),
+    atol=1e-5,
+  )

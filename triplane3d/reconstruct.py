@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 
 from triplane3d import summaries
+from triplane3d.data import images
 from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from triplane3d.models.prior3d import Prior3D
 from triplane3d.models.triplane import point_mlp
@@ -95,11 +96,11 @@ def check_unique_names(paths: list[str]) -> None:
 def load_image(path: str, size: int) -> np.ndarray:
   """An image file as the backbone input: float32 (size, size, 3), ImageNet-normalised.
 
-  The whole image, upright (EXIF orientation applied), converted to RGB and resized to a
-  square with PIL's bilinear filter, like the training pipeline's resize but without a crop.
+  The whole image, decoded as in training (`images.open_rgb`: upright, 16-bit scaled, alpha
+  over white) and resized to a square with PIL's bilinear filter, like the training pipeline's
+  resize but without a crop.
   """
-  with Image.open(path) as img:
-    img = ImageOps.exif_transpose(img).convert('RGB')  # convert() forces the full decode.
+  img = images.open_rgb(path)
   pixels = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.float32)
   return (pixels / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
