@@ -249,7 +249,7 @@ def test_load_image_decodes_like_training(tmp_path):
   Image.fromarray(ramp).save(tmp_path / 'deep.png')
   Image.fromarray(np.round(ramp / 257).astype(np.uint8)).convert('RGB').save(tmp_path / 'flat.png')
   np.testing.assert_allclose(
-    load_image(str(tmp_path / 'deep.png'), 28),
-    load_image(str(tmp_path / 'flat.png'), 28),
+    reconstruct.load_image(str(tmp_path / 'deep.png'), 28),
+    reconstruct.load_image(str(tmp_path / 'flat.png'), 28),
     atol=1e-5,
   )
