@@ -92,6 +92,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.loss = mlc.ConfigDict()
   c.loss.rgb_weight = 0.1
   c.loss.depth_weight = 1.0
+  c.loss.depth_loss = 'l2'  # 'l2': the paper's MSE. 'l1': mean absolute error (losses.py).
   c.loss.dist_weight = 1.0  # 0 disables distillation (and the teacher).
   c.loss.norm_weight = 1e-3
   # The paper writes L_norm as a sum over points; a mean keeps its scale independent of the
