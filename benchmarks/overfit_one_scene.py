@@ -34,6 +34,8 @@ def _set(config, key: str, value: str) -> None:
   *parents, leaf = key.split('.')
   for p in parents:
     node = node[p]
+  if leaf not in node:  # A mistyped field would otherwise be added and silently ignored.
+    raise SystemExit(f'unknown config field {key!r}; fields of that section: {sorted(node)}')
   try:
     node[leaf] = ast.literal_eval(value)
   except (ValueError, SyntaxError):
