@@ -77,13 +77,36 @@ def get_base_config() -> mlc.ConfigDict:
   c.shape_bias.dataset = 'cue_conflict'
   c.shape_bias.split = 'train'
 
-  # NYU-Depth v2 with the ridge per-patch probe (evaluate/depth_probe.py), not DINOv2's.
+  # NYU-Depth v2 (evaluate/nyu_suite.py): DINOv2's linear depth protocol (depth_linear.py) or
+  # the closed-form ridge probe (depth_probe.py), on frozen features of centre crops.
   c.nyu_depth = mlc.ConfigDict()
-  c.nyu_depth.dataset = 'nyu_depth_v2'
+  c.nyu_depth.probe = 'linear'  # 'linear' (DINOv2) | 'ridge' (fast, not the protocol)
+  c.nyu_depth.dataset = 'nyu_depth_v2'  # TFDS name, read when `folder` is empty.
   c.nyu_depth.train_split = 'train'
-  c.nyu_depth.test_split = 'validation'
-  c.nyu_depth.num_train = 1000
-  c.nyu_depth.num_val = 200  # Further train images, for choosing the ridge alpha.
-  c.nyu_depth.num_test = 654
-  c.nyu_depth.depth_sub = 2
+  c.nyu_depth.test_split = 'validation'  # TFDS: the 654 labelled test frames.
+  c.nyu_depth.folder = ''  # Or DINOv2's toolbox layout: DIR/{train_list,test_list} + frames.
+  c.nyu_depth.train_list = 'nyu_train.txt'
+  c.nyu_depth.test_list = 'nyu_test.txt'
+  c.nyu_depth.num_train = 1000  # A fixed random subset (features: ~1.5 MB per ViT-B image).
+  c.nyu_depth.num_val = 200  # ridge only: further train images, for choosing alpha.
+  c.nyu_depth.num_test = 0  # 0: every test image.
+  c.nyu_depth.depth_sub = 14  # Depth values per patch side: 14 = full resolution (S x S).
+  c.nyu_depth.eigen_crop = True  # Ground truth outside Eigen's crop of 480x640 frames ignored.
+  c.nyu_depth.test_flip = True  # linear: average with the mirrored image's prediction.
+  # linear: DINOv2's NYU linear config (depth_linear.Settings).
+  c.nyu_depth.steps = 38400
+  c.nyu_depth.warmup_steps = 12800  # Linear lr warm-up from 0.001 x lr.
+  c.nyu_depth.batch_size = 16  # DINOv2: 2 per GPU, GPU count not in its config.
+  c.nyu_depth.lr = 1e-4
+  c.nyu_depth.weight_decay = 0.01
+  c.nyu_depth.grad_clip = 35.0
+  # DINOv2's config says 0.5, but its code makes the term 0 at 2 images per GPU
+  # (depth_losses.py): 0.0 reproduces the objective DINOv2 actually trained with.
+  c.nyu_depth.grad_loss_weight = 0.5
+  c.nyu_depth.sigloss_warmup_steps = 100
+  c.nyu_depth.n_bins = 256
+  c.nyu_depth.min_depth = 1e-3
+  c.nyu_depth.max_depth = 10.0
+  c.nyu_depth.upsample = 4
+  c.nyu_depth.seed = 0
   return c

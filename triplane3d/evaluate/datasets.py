@@ -6,11 +6,15 @@ ArrayRecord format (random access without TensorFlow): prepared with
 `tfds build NAME --file_format=array_record` or imported from an image folder with
 `python -m triplane3d.data.import_folder`.
 
-`TfdsImages` is a `features.ImageSet` over one split: DINOv2's evaluation preprocessing, the
-shorter side resized to S·256/224 (bilinear) and the centre S×S crop, uint8 (B, S, S, 3). Its
-`meta()` holds 'label' (N,) and 'file_name' (N,) when the dataset has them, and with
-`depth_sub > 0` 'depth' (N, G·s, G·s): the depth map given the same resize and crop, then
-averaged over blocks of 14/s pixels (G = S/14 patches per side).
+`TfdsImages` is a `features.ImageSet` over one split, uint8 (B, S, S, 3), preprocessed by
+`prepare_image` (PREPROCESS): 'dinov2' (the default: DINOv2's evaluation transform, the shorter
+side resized to S·256/224, bilinear, then the centre S×S crop), 'pug' (PUG:ImageNet's own
+evaluation transform: the centre 256×256 pixels, then resized to S×S) or 'resize' (the whole
+image to S×S, for images stored pre-cropped). Its `meta()` holds 'label' (N,) and 'file_name'
+(N,) when the dataset has them, and with `depth_sub > 0` 'depth' (N, G·s, G·s): the depth map
+given the same resize and crop (`prepare_depth`), then averaged over blocks of 14/s pixels
+(G = S/14 patches per side), missing depth (0) left out of the averages. `Mirrored(set)` is the
+same set flipped left-right (DINOv2's test-time flip for depth).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ HOW_TO = {
   '--file_format=array_record',
   'i_naturalist2021': 'run tfds build i_naturalist2021 --data_dir={data_dir} '
   '--file_format=array_record',
-  'nyu_depth_v2': 'run tfds build nyu_depth_v2 --data_dir={data_dir} --file_format=array_record',
+  'nyu_depth_v2': 'run tfds build nyu_depth_v2 --data_dir={data_dir} --file_format=array_record, '
+  "or read DINOv2's own folder layout with --config.nyu_depth.folder=DIR (docs/evaluation.md)",
   'cue_conflict': 'clone https://github.com/rgeirhos/texture-vs-shape and run python -m '
   'triplane3d.data.import_folder --src=texture-vs-shape/stimuli/style-transfer-preprocessed-512 '
   '--name=cue_conflict --data_dir={data_dir}',
@@ -99,15 +104,67 @@ def find_all(data_dir: str, wanted) -> dict:
   return found
 
 
+PREPROCESS = ('dinov2', 'pug', 'resize')
+PUG_CROP = 256  # PUG:ImageNet's notebook: CenterCrop(256), then Resize((224, 224)).
+# Eigen's evaluation crop of NYU's 480×640 frames (rows 45:471, columns 41:601): the border
+# outside it holds no valid depth (the toolbox DINOv2 uses masks it in every evaluation).
+EIGEN_CROP = ((45, 471), (41, 601))
+
+
+def _center_crop(img: Image.Image, size: int) -> Image.Image:
+  w, h = img.size
+  left, top = (w - size) // 2, (h - size) // 2
+  return img.crop((left, top, left + size, top + size))
+
+
 def _resize_crop(img: Image.Image, size: int, resample) -> Image.Image:
   """Shorter side to size·256/224, then the centre size×size crop (DINOv2's eval transform)."""
   w, h = img.size
   short = round(size * 256 / 224)
   scale = short / min(w, h)
   img = img.resize((max(short, round(w * scale)), max(short, round(h * scale))), resample)
-  w, h = img.size
-  left, top = (w - size) // 2, (h - size) // 2
-  return img.crop((left, top, left + size, top + size))
+  return _center_crop(img, size)
+
+
+def prepare_image(img: Image.Image, size: int, preprocess: str = 'dinov2', resample=None):
+  """One image (or depth map, with resample=NEAREST) preprocessed to size×size (PREPROCESS)."""
+  resample = Image.Resampling.BILINEAR if resample is None else resample
+  if preprocess == 'dinov2':
+    return _resize_crop(img, size, resample)
+  if preprocess == 'pug':
+    return _center_crop(img, PUG_CROP).resize((size, size), resample)
+  if preprocess == 'resize':
+    return img.resize((size, size), resample)
+  raise ValueError(f'unknown preprocess {preprocess!r}: use one of {PREPROCESS}.')
+
+
+def prepare_depth(depth_hw, size: int, depth_sub: int, eigen_crop: bool = False) -> np.ndarray:
+  """A depth map (H, W) in metres (0: missing) → (G·s, G·s): resized and cropped as the image
+  ('dinov2'; nearest), then each block of 14/s pixels averaged over its valid pixels."""
+  d = np.asarray(depth_hw, np.float32)
+  if eigen_crop:
+    if d.shape != (480, 640):
+      raise ValueError(
+        f'eigen_crop needs NYU depth maps of 480×640, got {d.shape}: set '
+        'nyu_depth.eigen_crop=False for other data.'
+      )
+    (top, bottom), (left, right) = EIGEN_CROP
+    inside = np.zeros(d.shape, bool)
+    inside[top:bottom, left:right] = True
+    d = np.where(inside, d, 0.0)
+  img = Image.fromarray(d, mode='F')
+  d = np.asarray(prepare_image(img, size, resample=Image.Resampling.NEAREST), np.float32)
+  px = 14 // depth_sub
+  blocks = d.reshape(size // px, px, size // px, px)
+  count = (blocks > 0).sum(axis=(1, 3))
+  return np.where(count > 0, blocks.sum(axis=(1, 3)) / np.maximum(count, 1), 0.0).astype(np.float32)
+
+
+def subset(n: int, limit: int, skip: int = 0) -> np.ndarray:
+  """Sorted indices [skip, skip + limit) of one fixed permutation of range(n) (all: limit 0):
+  disjoint slices give disjoint subsets, each read in record order."""
+  perm = np.random.default_rng(0).permutation(n)
+  return np.sort(perm[skip : skip + limit if limit else n])
 
 
 @dataclasses.dataclass
@@ -122,13 +179,17 @@ class TfdsImages:
   limit: int = 0
   skip: int = 0
   depth_sub: int = 0
+  preprocess: str = 'dinov2'
+  eigen_crop: bool = False
   _source: object = None
 
   def __post_init__(self):
-    # One fixed permutation per split: slices [skip, skip + limit) of it are disjoint subsets.
+    if self.preprocess not in PREPROCESS:
+      raise ValueError(f'{self.name}: unknown preprocess {self.preprocess!r}: use {PREPROCESS}.')
+    if self.depth_sub and self.preprocess != 'dinov2':
+      raise ValueError(f'{self.name}: depth maps are cropped as preprocess="dinov2" only.')
     n = self.builder.info.splits[self.split].num_examples
-    perm = np.random.default_rng(0).permutation(n)
-    self.indices = np.sort(perm[self.skip : self.skip + self.limit if self.limit else n])
+    self.indices = subset(n, self.limit, self.skip)
 
   @property
   def identity(self) -> dict:
@@ -140,8 +201,9 @@ class TfdsImages:
       'limit': self.limit,
       'skip': self.skip,
       'img_size': self.img_size,
-      'preprocess': 'resize shorter side to S*256/224 (bilinear), centre crop S',
+      'preprocess': self.preprocess,
       'depth_sub': self.depth_sub,
+      'eigen_crop': self.eigen_crop,
     }
 
   def __len__(self) -> int:
@@ -157,18 +219,13 @@ class TfdsImages:
       self._source = self.builder.as_data_source(self.split, decoders=skip or None)
     return [self._source[int(i)] for i in self.indices[start:stop]]
 
-  def images(self, start: int, stop: int) -> np.ndarray:
-    out = []
-    for r in self._records(start, stop):
-      img = images_lib.open_rgb(r['image'])
-      out.append(np.asarray(_resize_crop(img, self.img_size, Image.Resampling.BILINEAR)))
-    return np.stack(out).astype(np.uint8)
+  def raw(self, start: int, stop: int) -> list[Image.Image]:
+    """The decoded RGB images of records [start, stop), before any preprocessing."""
+    return [images_lib.open_rgb(r['image']) for r in self._records(start, stop)]
 
-  def _depth(self, depth_hw) -> np.ndarray:
-    img = Image.fromarray(np.asarray(depth_hw, np.float32), mode='F')
-    d = np.asarray(_resize_crop(img, self.img_size, Image.Resampling.NEAREST), np.float32)
-    px, s = 14 // self.depth_sub, self.img_size
-    return d.reshape(s // px, px, s // px, px).mean(axis=(1, 3))
+  def images(self, start: int, stop: int) -> np.ndarray:
+    out = [prepare_image(img, self.img_size, self.preprocess) for img in self.raw(start, stop)]
+    return np.stack([np.asarray(x) for x in out]).astype(np.uint8)
 
   def meta(self) -> dict[str, np.ndarray]:
     out: dict[str, list] = {}
@@ -179,5 +236,29 @@ class TfdsImages:
             v = r[k]
             out.setdefault(k, []).append(v.decode() if isinstance(v, bytes) else v)
         if self.depth_sub:
-          out.setdefault('depth', []).append(self._depth(r['depth']))
+          d = prepare_depth(r['depth'], self.img_size, self.depth_sub, self.eigen_crop)
+          out.setdefault('depth', []).append(d)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Mirrored:
+  """An image set flipped left-right (same meta: a prediction is flipped back, not the truth)."""
+
+  base: object
+
+  def __post_init__(self):
+    self.name = f'{self.base.name}_flip'
+
+  @property
+  def identity(self) -> dict:
+    return {**self.base.identity, 'mirrored': True}
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def meta(self) -> dict[str, np.ndarray]:
+    return self.base.meta()
+
+  def images(self, start: int, stop: int) -> np.ndarray:
+    return self.base.images(start, stop)[:, :, ::-1]

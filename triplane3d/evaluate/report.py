@@ -85,10 +85,18 @@ def _notes(summary: dict) -> list[str]:
         f'{base["mean_map"]["rmse"]:.4f}.',
       ]
     elif s['name'] == 'nyu_depth':
-      base = details['depth']['baselines']
+      base = details['depth']['baselines']['mean_depth']
+      st = protocol['settings']
+      how = (
+        f'DINOv2 linear head, {st["n_bins"]} bins on [{st["min_depth"]}, {st["max_depth"]}] m, '
+        f'SigLoss + {st["grad_loss_weight"]} gradient loss, AdamW {st["lr"]}, {st["steps"]} steps '
+        f'at batch {st["batch_size"]}'
+        if protocol['depth_probe'] == 'linear'
+        else 'ridge per-patch probe (closed form; not the DINOv2 protocol)'
+      )
       notes.append(
-        f'- **nyu_depth** (metres): training-mean depth {base["mean_depth"]["rmse"]:.4f}, '
-        f'per-pixel mean map {base["mean_map"]["rmse"]:.4f}.'
+        f'- **nyu_depth** (metres; {how}; features of centre crops, no training augmentation): '
+        f'training-mean depth RMSE {base["rmse"]:.4f}, abs-rel {base["abs_rel"]:.4f}.'
       )
     if 'probe' in protocol:
       p = protocol['probe']

@@ -6,8 +6,8 @@
               robustness sets (ImageNet-R, ImageNet-Sketch; each restricted to the classes it has)
   shape_bias  Geirhos cue-conflict images through the ImageNet head (needs imagenet in the run)
   inat21      DINOv2 linear probe on i_naturalist2021
-  nyu_depth   the per-patch ridge depth probe of depth_probe.py on nyu_depth_v2 (a stand-in for
-              DINOv2's bins + SigLoss protocol, which is not implemented)
+  nyu_depth   DINOv2's linear depth probe (depth_linear.py; or the ridge probe of
+              depth_probe.py) on NYU-Depth v2 from TFDS or a folder (nyu_suite.py)
   all         every suite above
 
 A suite has `name`, `columns` ((key, title, higher is better, 'percent' | 'float') of its
@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from triplane3d.evaluate import datasets, depth_probe, features, linear, shape_bias
+from triplane3d.evaluate import datasets, features, linear, shape_bias
+from triplane3d.evaluate.nyu_suite import NyuDepthSuite
 from triplane3d.evaluate.synthetic_suite import SyntheticSuite, probe_settings
 
 ORDER = ('synthetic', 'imagenet', 'shape_bias', 'inat21', 'nyu_depth')
@@ -141,50 +142,6 @@ class ShapeBiasSuite:
     decisions = np.argmax(shape_bias.imagenet_to_16(probs), axis=1)
     r = shape_bias.shape_bias(feats['cue_conflict']['meta_file_name'], decisions)
     return {'metrics': {'shape_bias': r['shape_bias']}, 'details': {'cue_conflict': r}}
-
-
-class NyuDepthSuite:
-  """depth_probe.py on NYU-Depth v2: fit on `num_train` train images, α on the next `num_val`
-  train images, RMSE on `num_test` images of the test split."""
-
-  name = 'nyu_depth'
-  columns = (('rmse', 'NYU depth RMSE (ridge)', False, 'float'),)
-
-  def __init__(self, config, workdir: str):
-    del workdir
-    self.config, self.c = config, config.nyu_depth
-    if int(self.c.depth_sub) not in (1, 2, 7, 14):
-      raise ValueError(f'nyu_depth.depth_sub must be 1, 2, 7 or 14, got {self.c.depth_sub}.')
-    self.sets: dict = {}
-
-  def check(self) -> None:
-    c, s = self.c, int(self.config.img_size)
-    b = datasets.find(self.config.data_dir, c.dataset, [c.train_split, c.test_split])
-    kw = {'depth_sub': int(c.depth_sub)}
-    name = c.dataset
-    self.sets = {
-      'depth_train': datasets.TfdsImages(f'{name}_fit', b, c.train_split, s, c.num_train, **kw),
-      'depth_val': datasets.TfdsImages(
-        f'{name}_select', b, c.train_split, s, c.num_val, skip=c.num_train, **kw
-      ),
-      'depth_test': datasets.TfdsImages(f'{name}_test', b, c.test_split, s, c.num_test, **kw),
-    }
-
-  def image_sets(self):
-    return [(k, v, True) for k, v in self.sets.items()]
-
-  def protocol(self) -> dict:
-    return {
-      'img_size': int(self.config.img_size),
-      'sets': {k: v.identity for k, v in self.sets.items()},
-      'depth_probe_version': depth_probe.VERSION,
-    }
-
-  def evaluate(self, feats: dict, context: dict) -> dict:
-    del context
-    r = depth_probe.evaluate(feats['depth_train'], feats['depth_val'], feats['depth_test'])
-    base = {'rmse': (r['baselines']['mean_map']['rmse'], 'mean map')}
-    return {'metrics': {'rmse': r['rmse']}, 'baselines': base, 'details': {'depth': r}}
 
 
 def _str_keys(table: dict) -> dict:
