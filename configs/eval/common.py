@@ -32,6 +32,11 @@ def get_base_config() -> mlc.ConfigDict:
   c.probe.batch_size = 1024  # Capped at the training set's size.
   c.probe.lrs = ()  # Empty: DINOv2's 13 learning rates (linear.LEARNING_RATES).
   c.probe.seed = 0
+  # DINOv2 trains the heads on random-resized-crop + flip views, new ones each epoch
+  # (evaluate/probe.py). False: "fast mode", features of the evaluation view every epoch (one
+  # extraction pass; labelled "(fast: ...)" in results.md and results.json).
+  c.probe.augment = False
+  c.probe.augment_epochs = 0  # View sets extracted (epoch e uses e mod K); 0: one per epoch.
 
   # Synthetic scenes (evaluate/synthetic_suite.py). Seeds seed .. seed + 8, one per set, far
   # from the demo's training seed 0.

@@ -108,3 +108,25 @@ def test_errors_name_the_fix(planted):
     linear.fit_and_score(x_tr[:10], y_tr[:10], x_va, y_va, C, batch_size=1024)
   with pytest.raises(ValueError, match=r'labels must be integers in \[0, 4\)'):
     linear.fit_and_score(x_tr, y_tr + 4, x_va, y_va, C)
+
+
+def test_per_epoch_features_stream_into_the_same_training():
+  """A callable epoch -> features trains exactly as the array when it returns the array, is
+  asked for epochs in order (each variant's epoch e before e + 1), and its views matter."""
+  rng = np.random.default_rng(4)
+  x, y = rng.normal(size=(64, D)).astype(np.float32), rng.integers(0, C, 64)
+  kw = {'epochs': 3, 'batch_size': 16, 'seed': 1}
+  w, b = linear.train_heads(x, y, C, [0.1, 1.0], **kw)
+  asked = []
+  views = {e: x + rng.normal(scale=0.5, size=x.shape).astype(np.float32) for e in range(3)}
+
+  def same(e):
+    asked.append(e)
+    return x
+
+  w2, b2 = linear.train_heads(same, y, C, [0.1, 1.0], **kw)
+  np.testing.assert_array_equal(w, w2)
+  np.testing.assert_array_equal(b, b2)
+  assert asked == [0, 0, 1, 2]  # The first call checks shapes and labels.
+  w3, _ = linear.train_heads(views.__getitem__, y, C, [0.1, 1.0], **kw)
+  assert not np.allclose(w, w3)

@@ -128,3 +128,6 @@ def test_imagenet_shape_bias_and_nyu(data_dir, tmp_path):
     assert json.load(f)['results'] == summary['results']
   md = (tmp_path / 'results.md').read_text()
   assert 'imagenet_r top-1' in md and 'cue-conflict shape bias' in md
+  # Fast mode (the default): the probe's features are centre crops, and the reports say so.
+  assert 'imagenet top-1 (fast: centre crops)' in md and '**fast: centre crops**' in md
+  assert r['imagenet']['protocol']['probe']['mode'] == 'fast: centre crops'

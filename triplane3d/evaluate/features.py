@@ -43,6 +43,7 @@ from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 VERSION = 1  # Bump when what is stored changes: every cached file is then recomputed.
 NUM_LAST = 4  # Class tokens of the last 4 blocks (DINOv2 linear probe, n_last_blocks=4).
+VARIANTS = ('cls1', 'cls1+avgpool', 'cls4', 'cls4+avgpool')  # `variants()` keys, in order.
 
 
 class ImageSet(Protocol):
@@ -166,7 +167,7 @@ class FeatureStore:
     key = cache_key(backbone_identity, image_set.identity, {'patches': with_patches})
     return os.path.join(self.root, safe(label), f'{image_set.name}-{key}.npz')
 
-  def get(
+  def ensure(
     self,
     label: str,
     backbone_identity: dict,
@@ -174,18 +175,29 @@ class FeatureStore:
     extractor: Extractor,
     *,
     with_patches: bool = False,
-  ) -> dict[str, np.ndarray]:
+  ) -> str:
+    """The set's cache file, extracted (and written) first if missing."""
     path = self.path(label, image_set, backbone_identity, with_patches)
     if os.path.exists(path):
-      with np.load(path) as f:
-        self.log.append((label, image_set.name, 'cached'))
-        return {k: f[k] for k in f.files}
+      self.log.append((label, image_set.name, 'cached'))
+      return path
     # Meta first: a generated set renders here, before the extraction's progress bar opens.
     meta = {f'meta_{k}': v for k, v in image_set.meta().items()}
     feats = extractor(image_set, with_patches, desc=f'{label} {image_set.name}')
     save_npz(path, {**feats, **meta})
     self.log.append((label, image_set.name, 'extracted'))
-    return {**feats, **meta}
+    return path
+
+  @staticmethod
+  def load(path: str, keys=None) -> dict[str, np.ndarray]:
+    """The arrays of a cache file (only `keys` when given: an npz reads members on demand)."""
+    with np.load(path) as f:
+      return {k: f[k] for k in (f.files if keys is None else keys)}
+
+  def get(self, label, backbone_identity, image_set, extractor, *, with_patches=False) -> dict:
+    """Features + meta of one set (module docstring), extracted if not cached."""
+    path = self.ensure(label, backbone_identity, image_set, extractor, with_patches=with_patches)
+    return self.load(path)
 
 
 def variants(feats: dict) -> dict[str, np.ndarray]:

@@ -12,8 +12,10 @@ at a global batch of 1024 (12,500 iterations, about 10 ImageNet epochs): the def
 
 Feature variants (last 1 or 4 blocks' class tokens, with or without the mean patch token) are
 separate (N, D_v) arrays; fit_and_score_variants trains one grid per variant on the same batches
-and picks the best (variant, lr) pair. Features are precomputed, so unlike DINOv2 there is no
-train-time augmentation unless the caller's features come from augmented views.
+and picks the best (variant, lr) pair. Training features are either one (N, D_v) array (the
+"fast mode": features of the evaluation crop every epoch) or a callable epoch -> (N, D_v), the
+features of that epoch's augmented views (DINOv2's random-resized crop + flip; probe.py), read
+once per epoch for all variants.
 
 `class_subset` (e.g. ImageNet-R's 200 ImageNet classes) restricts the argmax to those logits at
 scoring time; labels stay in the full [0, num_classes) index space.
@@ -51,17 +53,26 @@ def _loss(params, x_bd, y_b):
   return optax.softmax_cross_entropy_with_integer_labels(logits, y_b).mean()
 
 
-@functools.partial(jax.jit, static_argnames=('epochs', 'batch_size'))
-def _train(x_nd, y_n, lrs_l, w_ldc, b_lc, key, *, epochs, batch_size):
-  steps_per_epoch = x_nd.shape[0] // batch_size
-  schedule = functools.partial(optax.cosine_decay_schedule, decay_steps=epochs * steps_per_epoch)
+def _make_tx(lr, total_steps: int):
+  """One head's optimiser; lr is that head's (traced) scaled learning rate."""
+  schedule = optax.cosine_decay_schedule(lr, decay_steps=total_steps)
+  return optax.sgd(schedule, momentum=_MOMENTUM)
 
-  def make_tx(lr):  # One optimiser per head; lr is that head's (traced) scaled learning rate.
-    return optax.sgd(schedule(lr), momentum=_MOMENTUM)
+
+@functools.partial(jax.jit, static_argnames=('total_steps',))
+def _init_opt(params, lrs_l, *, total_steps):
+  return jax.vmap(lambda p, lr: _make_tx(lr, total_steps).init(p))(params, lrs_l)
+
+
+@functools.partial(jax.jit, static_argnames=('total_steps', 'batch_size'), donate_argnums=(0, 1))
+def _train_epoch(params, opt_state, x_nd, y_n, lrs_l, key, epoch, *, total_steps, batch_size):
+  """One epoch of every head: a fresh permutation (fold_in(key, epoch)), remainder dropped. The
+  cosine schedule reads the step count from opt_state, so epochs chain across calls."""
+  steps_per_epoch = x_nd.shape[0] // batch_size
 
   def head_step(params, opt_state, lr, x_bd, y_b):
     grads = jax.grad(_loss)(params, x_bd, y_b)
-    updates, opt_state = make_tx(lr).update(grads, opt_state, params)
+    updates, opt_state = _make_tx(lr, total_steps).update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   grid_step = jax.vmap(head_step, in_axes=(0, 0, 0, None, None))
@@ -70,15 +81,9 @@ def _train(x_nd, y_n, lrs_l, w_ldc, b_lc, key, *, epochs, batch_size):
     params, opt_state = carry
     return grid_step(params, opt_state, lrs_l, x_nd[idx_b].astype(jnp.float32), y_n[idx_b]), None
 
-  def epoch(carry, e):
-    perm = jax.random.permutation(jax.random.fold_in(key, e), x_nd.shape[0])
-    batches = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-    return jax.lax.scan(step, carry, batches)[0], None
-
-  params = {'w': w_ldc, 'b': b_lc}
-  opt_state = jax.vmap(lambda p, lr: make_tx(lr).init(p))(params, lrs_l)
-  (params, _), _ = jax.lax.scan(epoch, (params, opt_state), jnp.arange(epochs))
-  return params['w'], params['b']
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch), x_nd.shape[0])
+  batches = perm[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+  return jax.lax.scan(step, (params, opt_state), batches)[0]
 
 
 def _check_xy(x, y, num_classes: int, what: str):
@@ -98,6 +103,57 @@ def _check_xy(x, y, num_classes: int, what: str):
   return x, y
 
 
+def _epoch_fn(x_train):
+  """x_train as a function of the epoch: (N, D) features, or a callable epoch -> (N, D) (the
+  features of that epoch's augmented views)."""
+  return x_train if callable(x_train) else (lambda epoch: x_train)
+
+
+def train_variant_heads(
+  x_train: Mapping,
+  y_train,
+  num_classes: int,
+  scaled_lrs: Sequence[float],
+  *,
+  epochs: int = 10,
+  batch_size: int = 1024,
+  seed: int = 0,
+) -> dict:
+  """One grid of heads (one per scaled lr) per feature variant {name: x_train} (each (N, D_v)
+  or a callable epoch -> (N, D_v)), trained epoch by epoch with every variant's epoch e run
+  before any epoch e + 1 (a caller's per-epoch features are read once). Every variant gets the
+  same init seed and batches. Returns {name: (w_ldc, b_lc)} as numpy."""
+  fns = {name: _epoch_fn(x) for name, x in x_train.items()}
+  y = None
+  for name, fn in fns.items():
+    _, y = _check_xy(fn(0), y_train, num_classes, f'train ({name})')
+  n = len(y)
+  if not 0 < batch_size <= n:
+    raise ValueError(
+      f'batch_size {batch_size} does not fit {n} training examples (batches drop the '
+      f'remainder): pass batch_size between 1 and {n}.'
+    )
+  if epochs < 1:
+    raise ValueError(f'epochs must be at least 1, got {epochs}.')
+  total = int(epochs) * (n // batch_size)
+  lrs = jnp.asarray(scaled_lrs, jnp.float32)
+  # A key apart from the init's, so the batch order does not reuse the init's randomness.
+  key = jax.random.fold_in(jax.random.key(seed), 1)
+  y_dev = jnp.asarray(y, jnp.int32)
+  state = {}
+  for epoch in range(int(epochs)):
+    for name, fn in fns.items():
+      x = jnp.asarray(np.asarray(fn(epoch)))
+      if name not in state:
+        w, b = init_heads(len(scaled_lrs), x.shape[1], num_classes, seed)
+        params = {'w': w, 'b': b}
+        state[name] = (params, _init_opt(params, lrs, total_steps=total))
+      state[name] = _train_epoch(
+        *state[name], x, y_dev, lrs, key, epoch, total_steps=total, batch_size=int(batch_size)
+      )
+  return {name: (np.asarray(p['w']), np.asarray(p['b'])) for name, (p, _) in state.items()}
+
+
 def train_heads(
   x_train,
   y_train,
@@ -108,30 +164,10 @@ def train_heads(
   batch_size: int = 1024,
   seed: int = 0,
 ):
-  """Trains one head per (already scaled) learning rate together: (w_ldc, b_lc) as numpy."""
-  x, y = _check_xy(x_train, y_train, num_classes, 'train')
-  if not 0 < batch_size <= len(x):
-    raise ValueError(
-      f'batch_size {batch_size} does not fit {len(x)} training examples (batches drop the '
-      f'remainder): pass batch_size between 1 and {len(x)}.'
-    )
-  if epochs < 1:
-    raise ValueError(f'epochs must be at least 1, got {epochs}.')
-  w, b = init_heads(len(scaled_lrs), x.shape[1], num_classes, seed)
-  # A key apart from the init's, so the batch order does not reuse the init's randomness.
-  key = jax.random.fold_in(jax.random.key(seed), 1)
-  lrs = jnp.asarray(scaled_lrs, jnp.float32)
-  w, b = _train(
-    jnp.asarray(x),
-    jnp.asarray(y, jnp.int32),
-    lrs,
-    w,
-    b,
-    key,
-    epochs=int(epochs),
-    batch_size=int(batch_size),
-  )
-  return np.asarray(w), np.asarray(b)
+  """Trains one head per (already scaled) learning rate together: (w_ldc, b_lc) as numpy.
+  x_train: (N, D), or a callable epoch -> (N, D)."""
+  kw = {'epochs': epochs, 'batch_size': batch_size, 'seed': seed}
+  return train_variant_heads({'x': x_train}, y_train, num_classes, scaled_lrs, **kw)['x']
 
 
 @jax.jit
@@ -197,6 +233,18 @@ def score(head: Mapping, x, y, class_subset=None) -> float:
   return float(_accuracies(w[None], b[None], x, y, class_subset)[0])
 
 
+def _select(w, b, x_val, y_val, lrs, batch_size: int, class_subset) -> dict:
+  acc = _accuracies(w, b, x_val, y_val, class_subset)
+  best = int(np.argmax(acc))  # First maximum: ties go to the smaller lr, as in DINOv2.
+  return {
+    'accuracy': float(acc[best]),
+    'lr': lrs[best],
+    'scaled_lr': scale_lr(lrs[best], batch_size),
+    'val_accuracy_per_lr': dict(zip(lrs, acc.tolist())),
+    'head': {'w': w[best], 'b': b[best]},
+  }
+
+
 def fit_and_score(
   x_train,
   y_train,
@@ -212,48 +260,49 @@ def fit_and_score(
 ) -> dict:
   """Trains the grid on (x_train, y_train) and picks the head with the best validation top-1.
 
+  x_train: (N, D), or a callable epoch -> (N, D) (augmented views, a new set per epoch).
   Returns 'accuracy' (the chosen head's validation top-1, in [0, 1]), 'lr' (its base learning
   rate, from `lrs`, default LEARNING_RATES), 'scaled_lr' (lr × batch_size / 256, what it trained
   with), 'val_accuracy_per_lr' ({base lr: accuracy}), 'head' ({'w': (D, C), 'b': (C,)}, for
   `score` on other test sets) and 'steps' (iterations run).
   """
-  lrs = tuple(float(lr) for lr in (LEARNING_RATES if lrs is None else lrs))
-  w, b = train_heads(
-    x_train,
-    y_train,
-    num_classes,
-    [scale_lr(lr, batch_size) for lr in lrs],
-    epochs=epochs,
-    batch_size=batch_size,
-    seed=seed,
-  )
-  acc = _accuracies(w, b, x_val, y_val, class_subset)
-  best = int(np.argmax(acc))  # First maximum: ties go to the smaller lr, as in DINOv2.
-  return {
-    'accuracy': float(acc[best]),
-    'lr': lrs[best],
-    'scaled_lr': scale_lr(lrs[best], batch_size),
-    'val_accuracy_per_lr': dict(zip(lrs, acc.tolist())),
-    'head': {'w': w[best], 'b': b[best]},
-    'steps': epochs * (len(x_train) // batch_size),
-  }
+  r = fit_and_score_variants(
+    {'x': (x_train, x_val)}, y_train, y_val, num_classes, lrs=lrs, epochs=epochs,
+    batch_size=batch_size, seed=seed, class_subset=class_subset,
+  )  # fmt: skip
+  return {**{k: r[k] for k in ('accuracy', 'lr', 'scaled_lr', 'head', 'steps')},
+          'val_accuracy_per_lr': r['table']['x']}  # fmt: skip
 
 
 def fit_and_score_variants(
-  variants: Mapping[str, tuple], y_train, y_val, num_classes: int, **kwargs
+  variants: Mapping[str, tuple],
+  y_train,
+  y_val,
+  num_classes: int,
+  *,
+  lrs=None,
+  epochs: int = 10,
+  batch_size: int = 1024,
+  seed: int = 0,
+  class_subset=None,
 ) -> dict:
   """The grid over feature variants × learning rates: {name: (x_train, x_val)} → the best pair.
 
-  Each variant trains its own grid with the same seed, hence the same init and batches. Returns
-  'variant', 'accuracy', 'lr', 'scaled_lr', 'head' of the best (variant, lr) — ties go to the
-  earlier variant, then the smaller lr — and 'table': {variant: {lr: validation accuracy}}.
-  kwargs go to fit_and_score (lrs, epochs, batch_size, seed, class_subset).
+  x_train may be a callable epoch -> features (train_variant_heads). Each variant trains its own
+  grid with the same seed, hence the same init and batches. Returns 'variant', 'accuracy', 'lr',
+  'scaled_lr', 'head' of the best (variant, lr) — ties go to the earlier variant, then the
+  smaller lr — 'table': {variant: {lr: validation accuracy}} and 'steps'.
   """
   if not variants:
     raise ValueError('variants is empty: pass {name: (x_train, x_val)} with at least one entry.')
+  lrs = tuple(float(lr) for lr in (LEARNING_RATES if lrs is None else lrs))
+  heads = train_variant_heads(
+    {name: x_tr for name, (x_tr, _) in variants.items()}, y_train, num_classes,
+    [scale_lr(lr, batch_size) for lr in lrs], epochs=epochs, batch_size=batch_size, seed=seed,
+  )  # fmt: skip
   results = {
-    name: fit_and_score(x_tr, y_train, x_va, y_val, num_classes, **kwargs)
-    for name, (x_tr, x_va) in variants.items()
+    name: _select(*heads[name], x_va, y_val, lrs, batch_size, class_subset)
+    for name, (_, x_va) in variants.items()
   }
   best = max(results, key=lambda name: results[name]['accuracy'])  # First maximum wins.
   chosen = results[best]
@@ -264,4 +313,5 @@ def fit_and_score_variants(
     'scaled_lr': chosen['scaled_lr'],
     'head': chosen['head'],
     'table': {name: r['val_accuracy_per_lr'] for name, r in results.items()},
+    'steps': int(epochs) * (len(np.asarray(y_train)) // batch_size),
   }

@@ -103,7 +103,13 @@ def _notes(summary: dict) -> list[str]:
       notes.append(
         f'- {s["name"]} linear probe: variants {", ".join(p["variants"])} × {len(p["lrs"])} '
         f'learning rates, {p["epochs"]} epochs at batch {p["batch_size"]}, SGD momentum 0.9, '
-        'cosine to 0, head chosen on the validation set.'
+        'cosine to 0, head chosen on the validation set; training views: '
+        + (
+          f'{p["mode"]}.'
+          if p.get('augment')
+          else f"**{p.get('mode', 'fast')}** — the same features every epoch, not DINOv2's "
+          'random-resized crops + flips (--config.probe.augment=True).'
+        )
       )
   return notes
 

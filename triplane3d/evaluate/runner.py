@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 
 import numpy as np
 from absl import logging
@@ -63,6 +64,34 @@ def _loader(backbone: backbones_lib.Backbone, config):
   return load
 
 
+class LazyFeatures(Mapping):
+  """{set key: features} of a suite's sets, read from the cache files on first access and kept,
+  except `streamed` sets (one epoch of augmented views each): those are read on every access
+  and not kept, so memory holds what the suite holds."""
+
+  def __init__(self, paths: dict, streamed=frozenset()):
+    self.paths, self.streamed, self._kept = paths, set(streamed), {}
+
+  def __getitem__(self, key: str) -> dict:
+    if key in self._kept:
+      return self._kept[key]
+    feats = features.FeatureStore.load(self.paths[key])
+    if key not in self.streamed:
+      self._kept[key] = feats
+    return feats
+
+  def __iter__(self):
+    return iter(self.paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def timing(self, key: str) -> tuple[float, float]:
+    """(images/s, seconds) of the set's extraction, without reading its features."""
+    t = features.FeatureStore.load(self.paths[key], ('images_per_s', 'seconds'))
+    return float(t['images_per_s']), float(t['seconds'])
+
+
 class Run:
   """One evaluation: `Run(config, workdir)` checks (step 1), `.execute()` does steps 2–3."""
 
@@ -106,13 +135,12 @@ class Run:
       self.probe_log.append((backbone.label, suite.name, 'cached'))
       return result
     start = time.perf_counter()
-    feats = {
-      k: self.store.get(backbone.label, backbone.identity, v, extractor, with_patches=p)
-      for k, v, p in sets
-    }
+    for _, v, p in sets:  # Extract what is missing; nothing is held in memory yet.
+      self.store.ensure(backbone.label, backbone.identity, v, extractor, with_patches=p)
+    feats = LazyFeatures(paths, {k for k, v, _ in sets if getattr(v, 'streamed', False)})
     timing = {
-      k: {'images_per_s': float(f['images_per_s']), 'extract_s': float(f['seconds'])}
-      for k, f in feats.items()
+      k: {kk: float(x) for kk, x in zip(('images_per_s', 'extract_s'), feats.timing(k))}
+      for k in paths
     }
     probe_start = time.perf_counter()
     result = suite.evaluate(feats, context)

@@ -22,31 +22,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from triplane3d.evaluate import datasets, features, linear, shape_bias
+from triplane3d.evaluate import datasets, features, linear, probe, shape_bias
 from triplane3d.evaluate.nyu_suite import NyuDepthSuite
-from triplane3d.evaluate.synthetic_suite import SyntheticSuite, probe_settings
+from triplane3d.evaluate.synthetic_suite import SyntheticSuite
 
 ORDER = ('synthetic', 'imagenet', 'shape_bias', 'inat21', 'nyu_depth')
 
 
 class UnknownSuiteError(ValueError):
   """A suite name that is not in ORDER (nor 'all')."""
-
-
-def _fit(config, train: dict, val: dict, num_classes: int) -> tuple[dict, dict]:
-  p = probe_settings(config.probe, len(train['cls']))
-  tr, va = features.variants(train), features.variants(val)
-  grid = linear.fit_and_score_variants(
-    {k: (tr[k], va[k]) for k in tr},
-    train['meta_label'],
-    val['meta_label'],
-    num_classes,
-    lrs=p['lrs'],
-    epochs=p['epochs'],
-    batch_size=p['batch_size'],
-    seed=p['seed'],
-  )
-  return grid, p
 
 
 class ClassificationSuite:
@@ -57,7 +41,8 @@ class ClassificationSuite:
     del workdir
     self.name, self.config, self.c = name, config, config[name]
     self.robustness = [tuple(s.split(':', 1)) for s in self.c.robustness]
-    self.columns = [('top1', f'{name} top-1', True, 'percent')] + [
+    mode = probe.label(probe.settings(config.probe, 1))  # '' or ' (fast: centre crops)'.
+    self.columns = [('top1', f'{name} top-1{mode}', True, 'percent')] + [
       (f'{ds}_top1', f'{ds} top-1', True, 'percent') for ds, _ in self.robustness
     ]
     self.sets: dict = {}
@@ -69,14 +54,18 @@ class ClassificationSuite:
       [(c.dataset, [c.train_split, c.val_split])] + [(ds, [sp]) for ds, sp in self.robustness],
     )
     b = found[c.dataset]
+    self.train = datasets.TfdsImages(
+      f'{c.dataset}_{c.train_split}', b, c.train_split, s, c.max_train
+    )
     self.sets = {
-      'train': datasets.TfdsImages(
-        f'{c.dataset}_{c.train_split}', b, c.train_split, s, c.max_train
-      ),
+      **probe.train_sets('train', self.train, self._probe()),
       'val': datasets.TfdsImages(f'{c.dataset}_{c.val_split}', b, c.val_split, s, c.max_val),
     }
     for ds, split in self.robustness:
       self.sets[ds] = datasets.TfdsImages(f'{ds}_{split}', found[ds], split, s)
+
+  def _probe(self) -> dict:
+    return probe.settings(self.config.probe, len(self.train))
 
   def image_sets(self):
     return [(k, v, False) for k, v in self.sets.items()]
@@ -86,13 +75,12 @@ class ClassificationSuite:
       'img_size': int(self.config.img_size),
       'sets': {k: v.identity for k, v in self.sets.items()},
       'num_classes': int(self.c.num_classes),
-      'probe': probe_settings(self.config.probe, len(self.sets['train'])),
-      'augmentation': 'none (features of centre crops; DINOv2 trains on random-resized crops)',
+      'probe': self._probe(),
     }
 
-  def evaluate(self, feats: dict, context: dict) -> dict:
+  def evaluate(self, feats, context: dict) -> dict:
     del context
-    grid, _ = _fit(self.config, feats['train'], feats['val'], int(self.c.num_classes))
+    grid = probe.fit(feats, self._probe(), int(self.c.num_classes))
     head, variant = grid['head'], grid['variant']
     metrics = {'top1': grid['accuracy']}
     for ds, _ in self.robustness:

@@ -36,7 +36,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from triplane3d.data import synthetic
-from triplane3d.evaluate import depth_probe, features, linear
+from triplane3d.evaluate import depth_probe, features, linear, probe
 from triplane3d.render.camera import Camera
 
 NUM_CLASSES = len(synthetic.SHAPES)
@@ -136,7 +136,6 @@ class SyntheticSuite:
   """See the module docstring. `config` is the eval config (sections `synthetic`, `probe`)."""
 
   name = 'synthetic'
-  columns = COLUMNS
 
   def __init__(self, config, workdir: str):
     c = config.synthetic
@@ -153,6 +152,8 @@ class SyntheticSuite:
         f'a 14-pixel patch), got img_size={s}, depth_sub={c.depth_sub}.'
       )
     self.config = config
+    mode = probe.label(probe.settings(config.probe, 1, fast_label=probe.FAST_SCENES))
+    self.columns = [(COLUMNS[0][0], COLUMNS[0][1] + mode, *COLUMNS[0][2:]), *COLUMNS[1:]]
     train = (SIZE_NAMES.index(size),)
     other = tuple(i for i in range(len(SIZE_NAMES)) if i not in train)
     cache = os.path.join(workdir, 'data')
@@ -182,11 +183,16 @@ class SyntheticSuite:
 
   def _probe(self, num_train: int) -> dict:
     c = self.config.synthetic
-    return probe_settings(self.config.probe, num_train, c.probe_epochs, c.probe_batch_size)
+    return probe.settings(
+      self.config.probe, num_train, c.probe_epochs, c.probe_batch_size, probe.FAST_SCENES
+    )
 
   def image_sets(self):
-    """[(key, ImageSet, with_patches)] this suite needs features of."""
-    return [(k, v, k.startswith('depth_')) for k, v in self.sets.items()]
+    """[(key, ImageSet, with_patches)] this suite needs features of (the probe's training set
+    replaced by its augmented view sets when probe.augment)."""
+    sets = {**probe.train_sets('train', self.sets['train'], self._probe(self.sets['train'].count))}
+    sets.update({k: v for k, v in self.sets.items() if k != 'train'})
+    return [(k, v, k.startswith('depth_')) for k, v in sets.items()]
 
   def protocol(self) -> dict:
     c = self.config.synthetic
@@ -203,19 +209,8 @@ class SyntheticSuite:
   def evaluate(self, feats: dict[str, dict], context: dict | None = None) -> dict:
     """Metrics from the features of every set (keys of `self.sets`)."""
     del context  # Needs no other suite.
-    p = self._probe(len(feats['train']['cls']))
-    tr, va = features.variants(feats['train']), features.variants(feats['val'])
-    label = {k: f['meta_label'] for k, f in feats.items()}
-    grid = linear.fit_and_score_variants(
-      {k: (tr[k], va[k]) for k in tr},
-      label['train'],
-      label['val'],
-      NUM_CLASSES,
-      lrs=p['lrs'],
-      epochs=p['epochs'],
-      batch_size=p['batch_size'],
-      seed=p['seed'],
-    )
+    grid = probe.fit(feats, self._probe(self.sets['train'].count), NUM_CLASSES)
+    label = {k: feats[k]['meta_label'] for k in ('test', 'texture', 'size', 'conflict')}
     head, variant = grid['head'], grid['variant']
 
     def x(key):
@@ -252,19 +247,6 @@ class SyntheticSuite:
         'chance_top1': 1.0 / NUM_CLASSES,
       },
     }
-
-
-def probe_settings(p, num_train: int, epochs=None, batch_size=None) -> dict:
-  """The linear probe's settings (config.probe; epochs and batch_size overridable), the batch
-  capped at the training set's size."""
-  lrs = tuple(float(x) for x in p.lrs) or linear.LEARNING_RATES
-  return {
-    'lrs': list(lrs),
-    'epochs': int(epochs or p.epochs),
-    'batch_size': min(int(batch_size or p.batch_size), num_train),
-    'seed': int(p.seed),
-    'variants': ['cls1', 'cls1+avgpool', 'cls4', 'cls4+avgpool'],
-  }
 
 
 def cue_conflict(pred, shape, texture) -> dict:
