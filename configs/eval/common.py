@@ -68,6 +68,23 @@ def get_base_config() -> mlc.ConfigDict:
   c.imagenet.max_val = 0
   c.imagenet.robustness = ('imagenet_r:test', 'imagenet_sketch:test')
 
+  # Robustness sets scored with the ImageNet head (evaluate/robustness.py), folder datasets
+  # imported with triplane3d.data.import_folder. Off here (empty); configs/eval/imagenet.py
+  # turns them on.
+  c.pug_imagenet = mlc.ConfigDict()
+  c.pug_imagenet.dataset = 'pug_imagenet'
+  c.pug_imagenet.splits = ()  # Imported factors: 'texture' (Object_Texture), 'size' (Object_Scale).
+  c.pug_imagenet.mapping = ''  # Class -> ImageNet indices JSON; '' = PUG's, in package data.
+  # True: argmax over the mapped ImageNet logits only (SPEC 4); False: over all 1000, as PUG's
+  # notebook does.
+  c.pug_imagenet.restrict = True
+  c.imagenet_3dcc = mlc.ConfigDict()
+  c.imagenet_3dcc.dataset = 'imagenet_3dcc'
+  c.imagenet_3dcc.corruptions = ()  # Of robustness.CORRUPTIONS_3DCC; splits '<corruption>_<s>'.
+  c.imagenet_3dcc.severities = (1, 2, 3, 4, 5)
+  c.imagenet_3dcc.max_per_split = 0  # > 0: a fixed random subset per level (quick looks).
+  c.imagenet_3dcc.preprocess = 'dinov2'  # 'resize' if your copy is stored pre-cropped.
+
   c.inat21 = mlc.ConfigDict()
   c.inat21.dataset = 'i_naturalist2021'
   c.inat21.train_split = 'train'

@@ -44,6 +44,13 @@ HOW_TO = {
   '--file_format=array_record',
   'nyu_depth_v2': 'run tfds build nyu_depth_v2 --data_dir={data_dir} --file_format=array_record, '
   "or read DINOv2's own folder layout with --config.nyu_depth.folder=DIR (docs/evaluation.md)",
+  'pug_imagenet': 'download PUG:ImageNet (https://github.com/facebookresearch/PUG) and run, per '
+  'factor, python -m triplane3d.data.import_folder --src=PUG_ImageNet/Object_Texture '
+  '--name=pug_imagenet --split=texture --data_dir={data_dir} (Object_Scale: --split=size)',
+  'imagenet_3dcc': 'download ImageNet-3DCC (tools/download_imagenet_3dcc.sh of '
+  'https://github.com/EPFL-VILAB/3DCommonCorruptions) and run, per corruption C and severity S, '
+  'python -m triplane3d.data.import_folder --src=ImageNet-3DCC/C/S --name=imagenet_3dcc '
+  '--split=C_S --data_dir={data_dir}',
   'cue_conflict': 'clone https://github.com/rgeirhos/texture-vs-shape and run python -m '
   'triplane3d.data.import_folder --src=texture-vs-shape/stimuli/style-transfer-preprocessed-512 '
   '--name=cue_conflict --data_dir={data_dir}',
@@ -59,13 +66,14 @@ def _version_key(path: str):
   return tuple(int(p) if p.isdigit() else -1 for p in version.split('.'))
 
 
-def find(data_dir: str, name: str, splits) -> tfds.core.DatasetBuilder:
-  """The prepared builder of `name` in `data_dir` (its newest version) with every split."""
+def find(data_dir: str, name: str, splits, how_to: str = '') -> tfds.core.DatasetBuilder:
+  """The prepared builder of `name` in `data_dir` (its newest version) with every split.
+  `how_to`: the HOW_TO key whose advice the errors give (default: `name`'s)."""
   root = _root(data_dir)
   infos = glob.glob(os.path.join(root, name, '*', 'dataset_info.json'))
   infos += glob.glob(os.path.join(root, name, '*', '*', 'dataset_info.json'))  # With a config.
   split = next(iter(splits), 'train')
-  how = HOW_TO.get(name, _FOLDER).format(data_dir=root, name=name, split=split)
+  how = HOW_TO.get(how_to or name, _FOLDER).format(data_dir=root, name=name, split=split)
   if not infos:
     raise DatasetMissingError(
       f'dataset {name!r} not found in data_dir {root} (no {name}/<version>/dataset_info.json); '
@@ -208,6 +216,12 @@ class TfdsImages:
 
   def __len__(self) -> int:
     return len(self.indices)
+
+  def label_names(self) -> list[str] | None:
+    """The names of the 'label' feature's classes (import_folder: the class folders)."""
+    feats = self.builder.info.features
+    names = getattr(feats['label'], 'names', None) if 'label' in feats else None
+    return list(names) if names else None
 
   def _records(self, start: int, stop: int):
     if self._source is None:

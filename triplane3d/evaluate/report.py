@@ -98,6 +98,17 @@ def _notes(summary: dict) -> list[str]:
         f'- **nyu_depth** (metres; {how}; features of centre crops, no training augmentation): '
         f'training-mean depth RMSE {base["rmse"]:.4f}, abs-rel {base["abs_rel"]:.4f}.'
       )
+    if s['name'] == 'imagenet' and protocol.get('pug_imagenet'):
+      pug, cc = protocol['pug_imagenet'], protocol['imagenet_3dcc']
+      if pug['splits']:
+        over = 'the mapped ImageNet logits' if pug['restrict'] else 'all 1000 logits'
+        notes.append(
+          f'- **PUG:ImageNet** ({", ".join(pug["splits"])}): argmax over {over}, counted right '
+          "when it maps to the image's class (PUG's class_to_imagenet_idx.json); preprocessing "
+          'centre crop 256 px, resized.'
+        )
+      if cc['corruptions']:
+        notes += ['', _corruption_table(summary, cc['corruptions']), '']
     if 'probe' in protocol:
       p = protocol['probe']
       notes.append(
@@ -112,6 +123,20 @@ def _notes(summary: dict) -> list[str]:
         )
       )
   return notes
+
+
+def _corruption_table(summary: dict, corruptions) -> str:
+  """ImageNet-3DCC top-1 per corruption (mean over severities): rows backbones."""
+  lines = [
+    '| ImageNet-3DCC top-1 | ' + ' | '.join(corruptions) + ' |',
+    '|---|' + '---:|' * len(corruptions),
+  ]
+  for b in summary['backbones']:
+    cells = [value(summary, b['label'], 'imagenet', f'3dcc_{k}_top1') for k in corruptions]
+    lines.append(
+      f'| {b["label"]} | ' + ' | '.join(format_value(v, 'percent') for v in cells) + ' |'
+    )
+  return '\n'.join(lines)
 
 
 def write(workdir: str, summary: dict) -> str:

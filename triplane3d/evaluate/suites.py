@@ -4,6 +4,7 @@
               exact-depth probe (synthetic_suite.py; runs anywhere)
   imagenet    DINOv2 linear probe on imagenet2012, the head then scored unchanged on the
               robustness sets (ImageNet-R, ImageNet-Sketch; each restricted to the classes it has)
+              and on PUG:ImageNet and ImageNet-3DCC when configured (robustness.py)
   shape_bias  Geirhos cue-conflict images through the ImageNet head (needs imagenet in the run)
   inat21      DINOv2 linear probe on i_naturalist2021
   nyu_depth   DINOv2's linear depth probe (depth_linear.py; or the ridge probe of
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from triplane3d.evaluate import datasets, features, linear, probe, shape_bias
+from triplane3d.evaluate import datasets, features, linear, probe, robustness, shape_bias
 from triplane3d.evaluate.nyu_suite import NyuDepthSuite
 from triplane3d.evaluate.synthetic_suite import SyntheticSuite
 
@@ -35,7 +36,8 @@ class UnknownSuiteError(ValueError):
 
 class ClassificationSuite:
   """Linear probe on a TFDS classification dataset (config section `config[name]`), the head
-  scored on `robustness` sets ('dataset:split'), each restricted to the labels it contains."""
+  scored on `robustness` sets ('dataset:split'), each restricted to the labels it contains,
+  and for imagenet on PUG:ImageNet and ImageNet-3DCC when configured (robustness.py)."""
 
   def __init__(self, name: str, config, workdir: str):
     del workdir
@@ -45,6 +47,8 @@ class ClassificationSuite:
     self.columns = [('top1', f'{name} top-1{mode}', True, 'percent')] + [
       (f'{ds}_top1', f'{ds} top-1', True, 'percent') for ds, _ in self.robustness
     ]
+    self.readers = robustness.readers(config) if name == 'imagenet' else []
+    self.columns += [col for r in self.readers for col in r.columns]
     self.sets: dict = {}
 
   def check(self) -> None:
@@ -63,6 +67,14 @@ class ClassificationSuite:
     }
     for ds, split in self.robustness:
       self.sets[ds] = datasets.TfdsImages(f'{ds}_{split}', found[ds], split, s)
+    problems = []  # Every missing folder dataset in one message, as find_all does.
+    for reader in self.readers:
+      try:
+        self.sets.update(reader.sets(self.config.data_dir, s))
+      except datasets.DatasetMissingError as e:
+        problems.append(str(e))
+    if problems:
+      raise datasets.DatasetMissingError('\n  '.join(problems))
 
   def _probe(self) -> dict:
     return probe.settings(self.config.probe, len(self.train))
@@ -76,6 +88,8 @@ class ClassificationSuite:
       'sets': {k: v.identity for k, v in self.sets.items()},
       'num_classes': int(self.c.num_classes),
       'probe': self._probe(),
+      'pug_imagenet': self.config.pug_imagenet.to_dict() if self.readers else None,
+      'imagenet_3dcc': self.config.imagenet_3dcc.to_dict() if self.readers else None,
     }
 
   def evaluate(self, feats, context: dict) -> dict:
@@ -89,6 +103,10 @@ class ClassificationSuite:
       x = features.variants(feats[ds])[variant]
       metrics[f'{ds}_top1'] = linear.score(head, x, y, class_subset=subset)
     details = {'probe': {'variant': variant, 'lr': grid['lr'], 'table': _str_keys(grid['table'])}}
+    for reader in self.readers:
+      m, d = reader.score(head, variant, feats)
+      metrics.update(m)
+      details[type(reader).__name__.lower()] = d
     return {'metrics': metrics, 'details': details, 'arrays': {'w': head['w'], 'b': head['b']}}
 
 
