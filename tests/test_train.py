@@ -25,13 +25,14 @@ def data_dir(tmp_path_factory):
 
 def _setup(config, devices):
   mesh = sharding.make_mesh(config.mesh, devices)
-  model, tx, sched, init_state, _, state_sh, param_sh, _ = train.build(config, mesh)
+  setup = train.build(config, mesh, config.train.num_steps)
+  assert setup.use_teacher
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  state = jax.jit(init_state, out_shardings=state_sh)(k_init)
-  teacher = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=param_sh['backbone'])(
+  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)(k_init)
+  teacher = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=setup.teacher_shardings)(
     state['params']['backbone']
   )
-  step = train.jit_train_step(model, tx, sched, config, k_train, mesh, state_sh, param_sh, True)
+  step = train.jit_train_step(setup, config, k_train)
   batch = pipeline.to_global(next(pipeline.create(config)), mesh)
   return mesh, state, teacher, step, batch
 

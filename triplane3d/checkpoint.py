@@ -155,15 +155,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def due(self, step: int) -> bool:
+    """Whether `step` is a periodic checkpoint step (a multiple of `save_every`)."""
+    return step % self.save_every == 0
+
   def save(self, step: int, state: Any, data_iter: Any = None, force: bool = False) -> bool:
     """Starts saving `state` (and `data_iter`'s position) as `step`; returns whether it did.
 
-    Skipped unless `step` is a multiple of `save_every` or `force` is set, and when `step` is
-    already saved (e.g. the final save right after a periodic one). The iterator state is
-    read now, synchronously, so the caller may keep iterating; the arrays are written in the
+    Skipped unless `step` is `due` or `force` is set, and when `step` is already saved (e.g.
+    the final save right after a periodic one). The iterator state is read now,
+    synchronously, so the caller may keep iterating; the arrays are written in the
     background (call `wait()` before reading the files from elsewhere).
     """
-    if not (force or step % self.save_every == 0) or step in self._manager.all_steps():
+    if not (force or self.due(step)) or step in self._manager.all_steps():
       return False
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iter is not None:

@@ -1,8 +1,8 @@
 """The 3D-Prior training loop, in chapters:
 
-  1. mesh and hosts  2. data  3. model, optimiser, abstract state and shardings
-  4. init or restore (and the frozen teacher)  5. the jitted step  6. the loop: log, images,
-  checkpoints, preemption.
+  1. mesh and hosts  2. data  3. model, optimiser, abstract state and shardings (one frozen
+  `Setup`), and the jitted step  4. init or restore (and the frozen teacher)  5 + 6. the
+  loop: step, log, images, checkpoints, preemption.
 
 This file owns time (steps, epochs, schedules, checkpoints); the maths lives in models/,
 render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main` calls.
@@ -10,10 +10,12 @@ render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -22,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from triplane3d import checkpoint, convert, losses, optim, run_config, sharding, summaries
 from triplane3d.data import pipeline
@@ -64,40 +67,83 @@ def _global_put(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put, tree, shardings)
 
 
-def build(config, mesh):
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the trainer derives from the config and the mesh before any array exists.
+
+  Attributes:
+    model: the `Prior3D` wiring (its activations constrained to the batch sharding).
+    tx, schedule: the optimiser and its learning rate per step.
+    init_state: `key -> {'step', 'params', 'opt_state'}`, to run under jit.
+    abstract_state: `jax.eval_shape(init_state, ...)`: the state's shapes and dtypes.
+    state_shardings, param_shardings: NamedShardings of the state and of the (unboxed) params.
+    mesh: the device mesh.
+    num_steps: the step the run trains to.
+    use_teacher: whether a frozen teacher is distilled from (loss.dist_weight > 0).
+  """
+
+  model: Prior3D
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  init_state: Callable[[jax.Array], dict]
+  abstract_state: Any
+  state_shardings: Any
+  param_shardings: Any
+  mesh: Mesh
+  num_steps: int
+  use_teacher: bool
+
+  @property
+  def teacher_shardings(self) -> Any:
+    """The teacher's shardings: the backbone's, or {} (no teacher)."""
+    return self.param_shardings['backbone'] if self.use_teacher else {}
+
+
+def build(config, mesh: Mesh, num_steps: int) -> Setup:
   """Model, optimiser, schedule, abstract state and shardings (no arrays allocated)."""
   model = Prior3D.from_config(config, act_sharding=sharding.batch_sharding(mesh))
-  num_steps = num_train_steps(config)
   rng = jax.random.key(config.seed)
   boxed = jax.eval_shape(model.init, rng)
   param_sh = sharding.logical_to_shardings(boxed, mesh)
-  tx, sched = optim.create(config.optim, unbox(boxed), num_steps)
+  tx, schedule = optim.create(config.optim, unbox(boxed), num_steps)
 
   def init_state(key):
     params = unbox(model.init(key))
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
 
   abstract = jax.eval_shape(init_state, rng)
-  state_sh = sharding.state_shardings(abstract, param_sh, mesh)
-  return model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps
+  return Setup(
+    model=model,
+    tx=tx,
+    schedule=schedule,
+    init_state=init_state,
+    abstract_state=abstract,
+    state_shardings=sharding.state_shardings(abstract, param_sh, mesh),
+    param_shardings=param_sh,
+    mesh=mesh,
+    num_steps=num_steps,
+    use_teacher=config.loss.dist_weight > 0,
+  )
 
 
-def make_train_step(model: Prior3D, tx, sched, config, base_key, use_teacher: bool):
+def make_train_step(setup: Setup, config, key: jax.Array):
   """The un-jitted step: (state, teacher, batch) → (new state, metrics).
 
   `teacher` is the frozen backbone's params (an empty dict without distillation); it is an
-  input of the step, never an argument of the differentiated function.
+  input of the step, never an argument of the differentiated function. `key` is the run's
+  training key; each step folds its step number in.
   """
+  model, tx = setup.model, setup.tx
   use_drop = config.model.drop_path_rate > 0
   trainable = optim.trainable_mask(config.optim)
 
   def train_step(state, teacher, batch):
     step = state['step']
-    k_render, k_drop = jax.random.split(jax.random.fold_in(base_key, step))
+    k_render, k_drop = jax.random.split(jax.random.fold_in(key, step))
 
     def loss_fn(params):
       h = model.representation(params['backbone'], batch['image'], rng=k_drop if use_drop else None)
-      h_t = model.representation(teacher, batch['image']) if use_teacher else None
+      h_t = model.representation(teacher, batch['image']) if setup.use_teacher else None
       recon = model.reconstruct(params, h, k_render)
       return losses.objective(recon, batch, h, h_t, config.loss)
 
@@ -110,25 +156,25 @@ def make_train_step(model: Prior3D, tx, sched, config, base_key, use_teacher: bo
     }
     # The norm of what the optimiser sees (frozen groups excluded), as clipping does.
     grad_norm = optax.tree.norm(trainable(grads))
-    metrics = {**terms, 'grad_norm': grad_norm, 'lr': sched(step)}
+    metrics = {**terms, 'grad_norm': grad_norm, 'lr': setup.schedule(step)}
     return new_state, metrics
 
   return train_step
 
 
-def jit_train_step(model, tx, sched, config, base_key, mesh, state_sh, param_sh, use_teacher):
+def jit_train_step(setup: Setup, config, key: jax.Array):
   """`make_train_step` under jit with explicit shardings; the state is donated.
 
   Inside, the model keeps activations split over the batch (`Prior3D.act_sharding`).
   """
   return jax.jit(
-    make_train_step(model, tx, sched, config, base_key, use_teacher),
+    make_train_step(setup, config, key),
     in_shardings=(
-      state_sh,
-      param_sh['backbone'] if use_teacher else {},
-      sharding.batch_sharding(mesh),
+      setup.state_shardings,
+      setup.teacher_shardings,
+      sharding.batch_sharding(setup.mesh),
     ),
-    out_shardings=(state_sh, sharding.replicated(mesh)),
+    out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
     donate_argnums=0,
   )
 
@@ -185,6 +231,47 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
      'preempted': whether a signal stopped the run early, 'images': PNG paths written,
      'state': the final train state (sharded jax.Arrays)}.
   """
+  config = _open_workdir(config, workdir, allow_config_change)
+
+  # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
+  logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
+
+  # 2. Data: this host's share, checkpointable; and the examples drawn in image grids.
+  block = pipeline.host_block(mesh, config.train.batch_size)
+  data_iter = pipeline.create(config, process_index=block)
+  vis = _grid_examples(config, mesh, block)
+
+  # 3. Model, optimiser, abstract state, shardings; the jitted step.
+  setup = build(config, mesh, num_train_steps(config))
+  k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  step_fn = jit_train_step(setup, config, k_train)
+
+  ckpt = checkpoint.Checkpointer(
+    workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
+  )
+  # Multi-host preemption agreement is a (tiny) blocking collective: not every step.
+  guard = checkpoint.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
+  writer = summaries.Writer(workdir)
+  with ckpt, guard:
+    try:
+      # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
+      state, teacher, start = _init_or_restore(setup, config, ckpt, data_iter, k_init)
+      writer.forget_after(start)  # Steps logged after the checkpoint will be run again.
+      # 5 + 6. The loop.
+      renders = _Renders(setup, config, vis, writer)
+      context = _Context(data_iter, ckpt, guard, writer, renders)
+      return _loop(setup, config, lambda s, b: step_fn(s, teacher, b), state, start, context)
+    finally:
+      writer.close()
+
+
+def _open_workdir(config, workdir: str, allow_config_change: bool):
+  """The resolved config of a run in `workdir`, after the checks that need no devices.
+
+  Stores the config in the workdir, or refuses a resume that changes the run.
+  """
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   config = config.copy_and_resolve_references()
   config.workdir = workdir
@@ -199,200 +286,220 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     allow_change=allow_config_change,
     write_files=jax.process_index() == 0,
   )
+  return config
 
-  # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
-  mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
-  logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
 
-  # 2. Data: this host's share, checkpointable.
-  block = pipeline.host_block(mesh, config.train.batch_size)
-  data_iter = pipeline.create(config, process_index=block)
-  # The examples drawn in image grids: the first batch of a fresh, in-process iterator, so
-  # grids show the same examples across resumes.
+def _grid_examples(config, mesh: Mesh, block: int) -> dict:
+  """The examples drawn in image grids, replicated: the first batch of a fresh, in-process
+  iterator, so grids show the same examples across resumes."""
   vis_config = config.copy_and_resolve_references()
   vis_config.data.num_workers = 0
-  vis = jax.jit(
+  first = pipeline.to_global(next(pipeline.create(vis_config, process_index=block)), mesh)
+  return jax.jit(
     lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
     out_shardings=sharding.replicated(mesh),
-  )(pipeline.to_global(next(pipeline.create(vis_config, process_index=block)), mesh))
-
-  # 3. Model, optimiser, abstract state, shardings.
-  model, tx, sched, init_state, abstract, state_sh, param_sh, num_steps = build(config, mesh)
-  use_teacher = config.loss.dist_weight > 0
-  k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  step_fn = jit_train_step(model, tx, sched, config, k_train, mesh, state_sh, param_sh, use_teacher)
-  # Full deterministic renders (image grids, held-out metrics): (rgb, depth) images.
-  visualize = jax.jit(
-    lambda p, x: reconstruction.render_full(model, p, x), out_shardings=sharding.replicated(mesh)
-  )
-
-  heldout_eval = None
-  if config.eval.num_heldout > 0:
-    heldout = reconstruction.heldout_scenes(config)
-
-    def heldout_eval(params):
-      put = lambda x: jax.device_put(x, sharding.replicated(mesh))  # noqa: E731
-      return reconstruction.evaluate_heldout(lambda p, x: visualize(p, put(x)), params, heldout)
-
-  ckpt = checkpoint.Checkpointer(
-    workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
-  )
-  # Multi-host preemption agreement is a (tiny) blocking collective: not every step.
-  guard = checkpoint.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
-  writer = summaries.Writer(workdir)
-  with ckpt, guard:
-    try:
-      # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
-      state, teacher, start = _init_or_restore(
-        config, model, init_state, abstract, state_sh, param_sh, ckpt, data_iter, k_init
-      )
-      writer.forget_after(start)  # Steps logged after the checkpoint will be run again.
-      # 5 + 6. The loop.
-      return _loop(
-        config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-        vis, ckpt, guard, writer, heldout_eval=heldout_eval,
-      )  # fmt: skip
-    finally:
-      writer.close()
+  )(first)
 
 
-def _init_or_restore(config, model, init_state, abstract, state_sh, param_sh, ckpt, it, k_init):
+def _init_or_restore(setup: Setup, config, ckpt: checkpoint.Checkpointer, data_iter, key):
   """(state, teacher, start step): the latest checkpoint, else a fresh (or DINOv2) init."""
-  use_teacher = config.loss.dist_weight > 0
-  restored = ckpt.restore_latest(sharding.abstract_with_shardings(abstract, state_sh), it)
+  state_sh, teacher_sh = setup.state_shardings, setup.teacher_shardings
+  abstract = sharding.abstract_with_shardings(setup.abstract_state, state_sh)
+  restored = ckpt.restore_latest(abstract, data_iter)
   loaded = None
-  if config.model.init_from and (use_teacher or not restored):
+  if config.model.init_from and (setup.use_teacher or not restored):
     loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
   if restored:
     start, state = restored
     logging.info('resumed from step %d', start)
   else:
     start = 0
-    state = jax.jit(init_state, out_shardings=state_sh)(k_init)
+    state = jax.jit(setup.init_state, out_shardings=state_sh)(key)
     if loaded is not None:
       state['params']['backbone'] = _global_put(loaded, state_sh['params']['backbone'])
   teacher = {}
-  if use_teacher:
-    teacher_sh = param_sh['backbone']
+  if setup.use_teacher:
     if loaded is not None:
       teacher = _global_put(loaded, teacher_sh)
     else:  # From scratch with distillation: the teacher is the student's random init.
-      teacher = jax.jit(lambda k: unbox(model.init(k))['backbone'], out_shardings=teacher_sh)(
-        k_init
-      )
+      init_backbone = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
+      teacher = jax.jit(init_backbone, out_shardings=teacher_sh)(key)
   return state, teacher, start
 
 
-def _loop(config, model, step_fn, visualize, mesh, state, teacher, start, num_steps, data_iter,
-          vis, ckpt, guard, writer, heldout_eval=None) -> dict:  # fmt: skip
-  """Steps from `start` to `num_steps`: log, draw, checkpoint, stop on preemption or NaN.
+class _Renders:
+  """Full deterministic renders: image grids of the fixed examples, held-out metrics."""
 
-  `heldout_eval(params) -> metrics` (optional) runs at every image step after the first and
-  at the end; its numbers are printed and join that step's line of metrics.jsonl as
-  `heldout/<name>` (each step keeps one line); the last ones go into the result.
+  def __init__(self, setup: Setup, config, vis: dict, writer: summaries.Writer):
+    replicated = sharding.replicated(setup.mesh)
+    model = setup.model
+    self._render = jax.jit(
+      lambda p, x: reconstruction.render_full(model, p, x), out_shardings=replicated
+    )
+    self._put = lambda x: jax.device_put(x, replicated)
+    self._vis, self._writer, self._camera = vis, writer, model.options.camera
+    self._heldout = reconstruction.heldout_scenes(config) if config.eval.num_heldout > 0 else None
+
+  @property
+  def evaluates(self) -> bool:
+    """Whether held-out scenes are rendered at image steps (eval.num_heldout > 0)."""
+    return self._heldout is not None
+
+  def grid(self, step: int, params) -> str | None:
+    """Draws the fixed examples' reconstructions; returns the PNG path (process 0)."""
+    rgb, depth = self._render(params, self._vis['image'])
+    vis = {k: np.asarray(v) for k, v in self._vis.items()}
+    grid = summaries.reconstruction_grid(
+      vis['image'], np.asarray(rgb), np.asarray(depth), vis['rgb'], vis['depth'],
+      self._camera.near, self._camera.far,
+    )  # fmt: skip
+    return self._writer.image(step, grid)
+
+  def heldout(self, params) -> dict[str, float]:
+    """Metrics on the held-out scenes, with their baselines (`evaluate_heldout`)."""
+    render = lambda p, x: self._render(p, self._put(x))  # noqa: E731
+    return reconstruction.evaluate_heldout(render, params, self._heldout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What the loop works with besides the step: data, checkpoints, the preemption guard,
+  logs and renders."""
+
+  data_iter: Any
+  ckpt: checkpoint.Checkpointer
+  guard: checkpoint.PreemptionGuard
+  writer: summaries.Writer
+  renders: _Renders
+
+
+class _Meter:
+  """Step metrics, fetched one step late so the host never waits for the step in flight;
+  refused when non-finite (before anything is saved); averaged and timed per log window.
+
+  The first step of a process compiles: it is timed on its own and left out of the images/s
+  window (it would read 1–5 img/s against a steady 30–50 on 2 CPU cores).
   """
-  result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
-  pending = None  # (step, device metrics) of the last dispatched step, checked one step late.
-  window: list[dict] = []
-  t_window, n_window = time.perf_counter(), 0
-  logged_first = False
-  bar = _progress(start, num_steps)
-  camera = model.options.camera
-  train_cfg = config.train
 
-  def drain():
-    """Fetches the pending step's metrics, refusing NaN/Inf before anything is saved."""
-    nonlocal pending
-    if pending is None:
+  def __init__(self, ckpt: checkpoint.Checkpointer):
+    self._ckpt = ckpt
+    self.losses: dict[int, float] = {}  # step -> total loss, for the steps run here.
+    self.first_step_s: float | None = None
+    self._pending = None  # (step, device metrics) of the last dispatched step.
+    self._window: list[dict] = []
+    self._steps = 0  # Steps in the window, the compiling first step excluded.
+    self._logged_first = False
+    self._t0 = time.perf_counter()
+
+  def add(self, step: int, metrics: dict, *, first: bool) -> None:
+    """Queues `step`'s metrics after fetching the previous step's (while this one runs)."""
+    self.drain()
+    self._pending = (step, metrics)
+    if first:
+      jax.block_until_ready(metrics)
+      self.first_step_s = time.perf_counter() - self._t0
+      if jax.process_index() == 0:
+        tqdm_write(f'step {step}: compiled and ran the first step in {self.first_step_s:.1f} s')
+      self._t0 = time.perf_counter()
+    else:
+      self._steps += 1
+
+  def drain(self) -> None:
+    """Fetches the pending step's metrics, refusing NaN/Inf."""
+    if self._pending is None:
       return
-    s, m = pending
-    pending = None
-    host = {k: float(v) for k, v in jax.device_get(m).items()}
+    step, metrics = self._pending
+    self._pending = None
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not (math.isfinite(host['total']) and math.isfinite(host['grad_norm'])):
-      last = ckpt.latest_step
+      last = self._ckpt.latest_step
       kept = f'the last good checkpoint is step {last}' if last else 'no checkpoint was written'
       raise NonFiniteLossError(
-        f'non-finite loss at step {s}: {host}. Stopped without saving this state; {kept}. '
+        f'non-finite loss at step {step}: {host}. Stopped without saving this state; {kept}. '
         'Lower optim.lr, enable optim.grad_clip_norm, or check the data.'
       )
-    result['losses'][s] = host['total']
-    window.append(host)
+    self.losses[step] = host['total']
+    self._window.append(host)
 
-  def save_images(step):
-    rgb, depth = visualize(state['params'], vis['image'])
-    grid = summaries.reconstruction_grid(
-      np.asarray(vis['image']),
-      np.asarray(rgb),
-      np.asarray(depth),
-      np.asarray(vis['rgb']),
-      np.asarray(vis['depth']),
-      camera.near,
-      camera.far,
-    )
-    path = writer.image(step, grid)
+  def window(self, batch_size: int) -> dict[str, float]:
+    """The means over the window up to the last step (and its images/s); starts a new one.
+
+    A process's first window also says what compiling took (`first_step_s`).
+    """
+    self.drain()
+    dt = time.perf_counter() - self._t0
+    means = {k: float(np.mean([w[k] for w in self._window])) for k in self._window[0]}
+    if self._steps:
+      means['images_per_sec'] = self._steps * batch_size / max(dt, 1e-9)
+    if not self._logged_first:
+      means['first_step_s'] = self.first_step_s
+      self._logged_first = True
+    self._window.clear()
+    self._steps = 0
+    return means
+
+  def restart_clock(self) -> None:
+    """Times a new window from now, after any image or checkpoint work, if one just began."""
+    if self._steps == 0:
+      self._t0 = time.perf_counter()
+
+
+def _loop(setup: Setup, config, step_fn, state, start: int, context: _Context) -> dict:
+  """Steps from `start` to `setup.num_steps`: log, draw, checkpoint, stop on preemption or NaN.
+
+  `step_fn(state, batch) -> (state, metrics)`. With held-out scenes (`eval.num_heldout`),
+  they are rendered at every image step after the first and at the end; their numbers are
+  printed and join that step's line of metrics.jsonl as `heldout/<name>` (each step keeps
+  one line); the last ones go into the result.
+  """
+  train_cfg, ctx = config.train, context
+  result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
+  meter = _Meter(ctx.ckpt)
+  result['losses'] = meter.losses
+  bar = _progress(start, setup.num_steps)
+
+  def draw(step):
+    path = ctx.renders.grid(step, state['params'])
     if path:
       result['images'].append(path)
 
   try:
     if start == 0:
-      save_images(0)
-    t_window = time.perf_counter()
+      draw(0)
+    meter.restart_clock()
     step = start
-    while step < num_steps:
-      batch = pipeline.to_global(next(data_iter), mesh)
-      state, metrics = step_fn(state, teacher, batch)
-      drain()  # The previous step's metrics, while this step runs.
-      pending = (step + 1, metrics)
+    while step < setup.num_steps:
+      batch = pipeline.to_global(next(ctx.data_iter), setup.mesh)
+      state, metrics = step_fn(state, batch)
       step += 1
-      if step == start + 1:
-        # The first step of a process compiles: timed on its own, and left out of the
-        # images/s window (it would read 1–5 img/s against a steady 30–50 on 2 CPU cores).
-        jax.block_until_ready(metrics)
-        result['first_step_s'] = time.perf_counter() - t_window
-        if jax.process_index() == 0:
-          tqdm_write(
-            f'step {step}: compiled and ran the first step in {result["first_step_s"]:.1f} s'
-          )
-        t_window = time.perf_counter()
-      else:
-        n_window += 1
-      stop = guard.should_stop(step)
-      last = step == num_steps
+      meter.add(step, metrics, first=step == start + 1)
+      stop = ctx.guard.should_stop(step)
+      last = step == setup.num_steps
       image_step = step % train_cfg.image_every_steps == 0 or last
-      evaluate = heldout_eval is not None and image_step
+      evaluate = ctx.renders.evaluates and image_step
       if step % train_cfg.log_every_steps == 0 or last or stop or evaluate:
-        drain()
-        dt = time.perf_counter() - t_window
-        means = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-        if n_window:
-          means['images_per_sec'] = n_window * train_cfg.batch_size / max(dt, 1e-9)
-        if not logged_first:  # This process's first log line also says what compiling took.
-          means['first_step_s'] = result['first_step_s']
-          logged_first = True
+        means = meter.window(train_cfg.batch_size)
         heldout = {}
         if evaluate:
-          result['heldout'] = heldout_eval(state['params'])
+          result['heldout'] = ctx.renders.heldout(state['params'])
           heldout = {f'heldout/{k}': v for k, v in result['heldout'].items()}
           if jax.process_index() == 0:
             tqdm_write(f'step {step}: held-out {reconstruction.describe(result["heldout"])}')
-        writer.scalars(step, {**means, **heldout})
+        ctx.writer.scalars(step, {**means, **heldout})
         bar.update(step, means)
-        window.clear()
-        n_window = 0
       if image_step:
-        save_images(step)
-      if stop or last or step % train_cfg.ckpt_every_steps == 0:
-        drain()
-        ckpt.save(step, state, data_iter, force=stop or last)
-      if n_window == 0:  # A log step (or the first step) just ended: time the next window from
-        # here, after any image or checkpoint work.
-        t_window = time.perf_counter()
+        draw(step)
+      if stop or last or ctx.ckpt.due(step):
+        meter.drain()  # A non-finite step is never saved.
+        ctx.ckpt.save(step, state, ctx.data_iter, force=True)
+      meter.restart_clock()
       if stop:
         logging.warning('preempted: saved step %d, exiting cleanly.', step)
         result['preempted'] = True
         break
     result['step'] = step
+    if meter.first_step_s is not None:
+      result['first_step_s'] = meter.first_step_s
   finally:
     bar.close()
   result['state'] = state

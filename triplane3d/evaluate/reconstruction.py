@@ -4,7 +4,10 @@ A falling loss is not evidence that the triplanes learn shape. Every number here
 beside what a model that ignores the geometry gets on the same images:
 
   mean colour     each image predicted as its own mean colour (an oracle: it sees the target);
-  constant depth  each image's depth predicted as the per-pixel mean depth map of the set.
+  constant depth  each image's depth predicted as the per-pixel median depth map of the set
+                  (one image: its median depth). The median, not the mean: it is the constant
+                  with the least mean |error|, the metric we report (on the demo's held-out
+                  scenes 0.047 against 0.059 for the mean map, and 0.055 for 'far everywhere').
 
 Metrics: PSNR in dB of the rendered RGB (clipped to [0, 1]) averaged over images, and the mean
 |depth error| over all pixels in scene units (the camera's far − near is the depth range).
@@ -37,12 +40,12 @@ def baselines(rgb_bhw3: np.ndarray, depth_bhw1: np.ndarray) -> dict[str, float]:
   rgb = np.asarray(rgb_bhw3, np.float64)
   depth = np.asarray(depth_bhw1, np.float64)
   mean_colour = np.broadcast_to(rgb.mean(axis=(1, 2), keepdims=True), rgb.shape)
-  mean_depth = depth.mean(axis=0, keepdims=True)
-  if len(depth) == 1:  # One image: its per-pixel mean is itself; use its mean depth instead.
-    mean_depth = depth.mean(keepdims=True)
+  const_depth = np.median(depth, axis=0, keepdims=True)
+  if len(depth) == 1:  # One image: its per-pixel median is itself; use its median depth.
+    const_depth = np.median(depth, keepdims=True)
   return {
     'psnr': float(psnr_per_image(mean_colour, rgb).mean()),
-    'depth_abs': float(np.abs(mean_depth - depth).mean()),
+    'depth_abs': float(np.abs(const_depth - depth).mean()),
   }
 
 
@@ -126,20 +129,18 @@ def overfit_scene(config, scene: int, num_steps: int, *, every: int = 25, verbos
 
   Returns {'curve': [{'step', 'psnr', 'depth_abs', 'loss', 'time_s'}...], 'baselines'}.
   """
-  from triplane3d import optim, train  # Lazily: the trainer imports this module.
-  from triplane3d.models.prior3d import Prior3D, unbox
+  from triplane3d import sharding, train  # Lazily: the trainer imports this module.
 
   config = config.copy_and_resolve_references()
   config.train.batch_size = 1
+  config.mesh.data, config.mesh.fsdp = 1, 1
   batch = {k: jnp.asarray(v) for k, v in scene_example(config, scene).items()}
-  model = Prior3D.from_config(config)
+  setup = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), num_steps)
+  model = setup.model
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  params = unbox(model.init(k_init))
-  tx, sched = optim.create(config.optim, params, num_steps)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-  use_teacher = config.loss.dist_weight > 0
-  teacher = params['backbone'] if use_teacher else {}
-  step_fn = jax.jit(train.make_train_step(model, tx, sched, config, k_train, use_teacher))
+  state = jax.jit(setup.init_state)(k_init)
+  teacher = state['params']['backbone'] if setup.use_teacher else {}
+  step_fn = jax.jit(train.make_train_step(setup, config, k_train))
   render = jax.jit(lambda p, x: render_full(model, p, x))
   target_rgb, target_depth = np.asarray(batch['rgb']), np.asarray(batch['depth'])
   curve = []
