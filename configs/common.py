@@ -36,6 +36,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.decoder.low_res = 16  # Resolution of the learnable embeddings / low-res triplanes.
   c.decoder.up_channels = (256, 128, 64)  # One ×2 upsampling block each: 16 → 128.
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
+  # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
   c.decoder.dtype = 'bfloat16'
   # 'camera': the cross-attention starts local, each plane cell attending to the patches it
   # projects to under the fixed camera (models/attention_prior.py). 'none': the paper.

@@ -10,9 +10,15 @@ from triplane3d.configs import common, demo
 from triplane3d.models.conv_decoder import ConvDecoder
 
 
+def _from_config(cfg):
+  return ConvDecoder.from_config(
+    cfg.decoder, resolution=cfg.render.resolution, near=cfg.camera.near, far=cfg.camera.far
+  )
+
+
 def test_demo_config_outputs_rgb_and_depth_in_range():
   cfg = demo.get_config()
-  model = ConvDecoder.from_config(cfg)
+  model = _from_config(cfg)
   h = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 96)) * 3  # 56 px / 14 = 4×4 grid.
   variables = jax.jit(model.init)(jax.random.PRNGKey(1), h)
   for leaf in jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
@@ -26,7 +32,7 @@ def test_demo_config_outputs_rgb_and_depth_in_range():
 
 def test_default_config_reaches_256():
   cfg = common.get_base_config()
-  model = ConvDecoder.from_config(cfg)
+  model = _from_config(cfg)
   h = jax.ShapeDtypeStruct((1, 257, 3072), jnp.float32)
   rgb, depth = jax.eval_shape(model.apply, jax.eval_shape(model.init, jax.random.PRNGKey(0), h), h)
   assert rgb.shape == (1, 256, 256, 3) and depth.shape == (1, 256, 256, 1)

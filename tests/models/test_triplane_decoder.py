@@ -134,4 +134,4 @@ def test_point_mlp_module_equals_pure_function_and_numpy():
   np.testing.assert_allclose(rgb, 1.002 / (1 + np.exp(-x[:, 1:])) - 0.001, rtol=1e-5, atol=1e-6)
   assert rgb.shape == (50, 3) and raw.shape == (50, 1)
   assert float(rgb.min()) >= -0.001 and float(rgb.max()) <= 1.001
-  assert PointMLP.from_config(demo.get_config()).hidden == 32
+  assert PointMLP.from_config(demo.get_config().render).hidden == 32

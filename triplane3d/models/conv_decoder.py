@@ -42,15 +42,16 @@ class ConvDecoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config) -> ConvDecoder:
-    """From the full config (decoder, render.resolution and the camera's near/far)."""
+  def from_config(cls, decoder_cfg, *, resolution: int, near: float, far: float) -> ConvDecoder:
+    """From the `decoder` config section; the output resolution and depth range belong to
+    other sections (render, camera) and are wired by `Prior3D.from_config`."""
     return cls(
-      width=int(config.decoder.width),
-      up_channels=tuple(int(c) for c in config.decoder.up_channels),
-      resolution=int(config.render.resolution),
-      near=float(config.camera.near),
-      far=float(config.camera.far),
-      dtype=jnp.dtype(config.decoder.dtype),
+      width=int(decoder_cfg.width),
+      up_channels=tuple(int(c) for c in decoder_cfg.up_channels),
+      resolution=int(resolution),
+      near=float(near),
+      far=float(far),
+      dtype=jnp.dtype(decoder_cfg.dtype),
     )
 
   @nn.compact

@@ -59,9 +59,15 @@ class Prior3D:
         plane_axes=str(config.render.plane_axes),
         plane_space=str(config.render.plane_space),
       )
-      mlp = PointMLP(config.render.mlp_hidden)
+      mlp = PointMLP.from_config(config.render)
     elif config.decoder.kind == 'conv':
-      decoder, mlp = ConvDecoder.from_config(config), None
+      decoder = ConvDecoder.from_config(
+        config.decoder,
+        resolution=config.render.resolution,
+        near=camera.near,
+        far=camera.far,
+      )
+      mlp = None
     else:
       raise ValueError(f"decoder.kind must be 'triplane' or 'conv', got {config.decoder.kind!r}.")
     return cls(

@@ -6,14 +6,13 @@ backbone representation h (B, 1 + N, 4·D); the resulting low-resolution planes 
 and projected to C channels: (B, 3, L·2^U, L·2^U, C), 128×128×32 by default.
 
 `PointMLP` / `point_mlp`: the EG3D decoder from averaged plane features to colour and raw
-density. The module only declares parameters; `point_mlp(params, feats)` is the pure
-function it applies, and exactly what the renderer takes as `decode_fn` with
+density, in float32. The module only declares parameters; `point_mlp(params, feats)` is the
+pure function it applies, and exactly what the renderer takes as `decode_fn` with
 `variables['params']` (unboxed) as `mlp_params`:
 
-  mlp = PointMLP.from_config(config)
+  mlp = PointMLP.from_config(config.render)
   mlp_params = nn.unbox(mlp.init(rng, jnp.zeros((1, C))))['params']
-  decode_fn = functools.partial(point_mlp, dtype=mlp.dtype)
-  out = render_image(planes, mlp_params, key, decode_fn=decode_fn, options=options)
+  out = render_image(planes, mlp_params, key, decode_fn=point_mlp, options=options)
 """
 
 from __future__ import annotations
@@ -73,16 +72,17 @@ class _LinearParams(nn.Module):
 class PointMLP(nn.Module):
   """C → hidden → softplus → 1 + 3. Input (n, C); returns `point_mlp`'s (rgb, raw_sigma).
 
-  Its `params` collection is exactly the pytree `point_mlp` takes.
+  Its `params` collection is exactly the pytree `point_mlp` takes. It computes in float32,
+  as the renderer that calls it does, whatever `decoder.dtype`: the MLP is a few % of the
+  work, and densities feed exp() in the marcher.
   """
 
   hidden: int = 64
-  dtype: Dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, config) -> PointMLP:
-    """From the full config: render.mlp_hidden, computed in decoder.dtype."""
-    return cls(hidden=int(config.render.mlp_hidden), dtype=jnp.dtype(config.decoder.dtype))
+  def from_config(cls, render_cfg) -> PointMLP:
+    """From the `render` config section (render.mlp_hidden)."""
+    return cls(hidden=int(render_cfg.mlp_hidden))
 
   @nn.compact
   def __call__(self, feats_nc):
@@ -90,7 +90,7 @@ class PointMLP(nn.Module):
       'hidden': _LinearParams(self.hidden, ('channels', 'mlp'), name='hidden')(feats_nc.shape[-1]),
       'out': _LinearParams(4, ('mlp', None), name='out')(self.hidden),
     }
-    return point_mlp(params, feats_nc, self.dtype)
+    return point_mlp(params, feats_nc)
 
 
 class CrossAttentionBlock(nn.Module):
