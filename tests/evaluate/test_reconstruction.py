@@ -14,7 +14,10 @@ def test_baselines_and_metrics_against_numpy():
   base = reconstruction.baselines(rgb, depth)
   mse = [np.mean((rgb[i] - rgb[i].mean(axis=(0, 1))) ** 2) for i in range(3)]
   assert base['psnr'] == pytest.approx(np.mean([10 * np.log10(1 / m) for m in mse]), rel=1e-6)
-  assert base['depth_abs'] == pytest.approx(np.mean(np.abs(depth - depth.mean(0))), rel=1e-6)
+  # The constant depth is the per-pixel median map: the constant with the least mean |error|.
+  assert base['depth_abs'] == pytest.approx(np.mean(np.abs(depth - np.median(depth, 0))), rel=1e-6)
+  one = reconstruction.baselines(rgb[:1], depth[:1])
+  assert one['depth_abs'] == pytest.approx(np.mean(np.abs(depth[0] - np.median(depth[0]))))
   m = reconstruction.metrics(rgb + 0.1, depth + 0.05, rgb, depth)
   clipped = np.clip(rgb + 0.1, 0, 1)  # Renders are clipped to [0, 1] before the PSNR.
   want = np.mean([10 * np.log10(1 / np.mean((clipped[i] - rgb[i]) ** 2)) for i in range(3)])
