@@ -42,6 +42,8 @@ def get_base_config() -> mlc.ConfigDict:
   # projects to under the fixed camera (models/attention_prior.py). 'none': the paper.
   c.decoder.attention_prior = 'none'
   c.decoder.attention_prior_sigma = 1.0  # The prior's Gaussian width, in patches.
+  # Heads carrying the prior (the first ones); None: all. The rest start global.
+  c.decoder.attention_prior_heads = mlc.config_dict.placeholder(int)
 
   # Volume rendering (SPEC.md §3).
   c.render = mlc.ConfigDict()

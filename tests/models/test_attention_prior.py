@@ -94,3 +94,24 @@ def test_a_narrower_prior_is_sharper():
   np.testing.assert_allclose(narrow, 4.0 * wide, rtol=1e-6)  # −d²/2σ²: σ/2 → 4× the logits.
   with pytest.raises(ValueError, match='attention_prior_sigma'):
     camera_attention_bias(Camera(), 'xyz', L, G, 0.0)
+
+
+def test_prior_heads_bias_only_the_first_heads():
+  # prior_heads = all heads is the prior everywhere; 0 heads is no prior; in between differs
+  # from both (same parameters throughout).
+  cfg = demo.get_config()
+  model = Prior3D.from_config(cfg)
+  params = unbox(model.init(jax.random.key(0)))['decoder']
+  h = jax.random.normal(jax.random.key(1), (2, model.num_tokens, 4 * 64))
+
+  def planes(prior='camera', heads=None):
+    cfg.decoder.attention_prior, cfg.decoder.attention_prior_heads = prior, heads
+    return Prior3D.from_config(cfg).decoder.apply({'params': params}, h)
+
+  every, some = planes(), planes(heads=2)
+  np.testing.assert_allclose(planes(heads=cfg.decoder.num_heads), every, atol=1e-6)
+  np.testing.assert_allclose(planes(heads=0), planes('none'), atol=1e-6)
+  assert float(jnp.max(jnp.abs(some - every))) > 1e-3
+  assert float(jnp.max(jnp.abs(some - planes('none')))) > 1e-3
+  with pytest.raises(ValueError, match='attention_prior_heads'):
+    planes(heads=cfg.decoder.num_heads + 1)

@@ -56,6 +56,7 @@ class Prior3D:
         config.decoder,
         prior_camera=camera if prior == 'camera' else None,
         prior_sigma=float(config.decoder.attention_prior_sigma),
+        prior_heads=config.decoder.attention_prior_heads,
         plane_axes=str(config.render.plane_axes),
         plane_space=str(config.render.plane_space),
       )

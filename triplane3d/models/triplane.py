@@ -102,7 +102,8 @@ class CrossAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, h, bias=None):
-    """`bias`: optional additive attention-logit bias (Q, N), shared by heads and batch."""
+    """`bias`: optional additive attention-logit bias, (Q, N) shared by heads and batch, or
+    (num_heads, Q, N) per head."""
     d = x.shape[-1]
     if d % self.num_heads:
       raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}.')
@@ -147,6 +148,9 @@ class TriplaneDecoder(nn.Module):
       patches it projects to (`attention_prior.camera_attention_bias`); None: the paper's
       decoder.
     prior_sigma: the prior's width in patches.
+    prior_heads: how many heads carry the prior (the first ones; None: all). The others start
+      unbiased: at initialisation they see the average of h — the whole image, e.g. its
+      background — beside the local patch the prior gives, so a cell can compare the two.
     plane_axes, plane_space: the renderer's plane order ('xyz' / 'eg3d') and space ('box' /
       'frustum'), for the prior.
   """
@@ -160,6 +164,7 @@ class TriplaneDecoder(nn.Module):
   dtype: Dtype = jnp.float32
   prior_camera: Camera | None = None
   prior_sigma: float = 1.0
+  prior_heads: int | None = None
   plane_axes: str = 'xyz'
   plane_space: str = 'box'
 
@@ -204,6 +209,14 @@ class TriplaneDecoder(nn.Module):
         self.prior_camera, self.plane_axes, l, grid, self.prior_sigma, self.plane_space
       )
       bias = bias.astype(self.dtype)
+      if self.prior_heads is not None:
+        if not 0 <= self.prior_heads <= self.num_heads:
+          raise ValueError(
+            f'decoder.attention_prior_heads must be in [0, num_heads={self.num_heads}], got '
+            f'{self.prior_heads}.'
+          )
+        on = (jnp.arange(self.num_heads) < self.prior_heads).astype(self.dtype)
+        bias = on[:, None, None] * bias  # (heads, Q, N): zero rows for the unbiased heads.
     for i in range(self.num_layers):
       x = CrossAttentionBlock(self.num_heads, dtype=self.dtype, name=f'block{i}')(x, h_bne, bias)
     x = layer_norm('norm', self.dtype)(x)
