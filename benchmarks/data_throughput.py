@@ -30,7 +30,7 @@ def _config(data_dir, img_size, resolution, workers, batch_size):
 
 
 def _pipeline_rate(config, steps):
-  it = pipeline.create(config, process_index=0, process_count=1)
+  it = pipeline.create(config, pipeline.prepare(config), block=0, process_count=1)
   next(it)  # Warm-up: worker start-up and the first prefetch.
   start = time.perf_counter()
   for _ in range(steps):

@@ -49,7 +49,7 @@ def data_dir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp('synthetic_faults'))
   # Generated here, once: the reference and the killed runs start concurrently and must not
   # both write the dataset (a kill in the middle would also leave it half-written).
-  pipeline.create(tiny_config(d))
+  pipeline.prepare(tiny_config(d))
   return d
 
 

@@ -38,19 +38,19 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient norm became NaN / Inf."""
 
 
-def num_train_steps(config) -> int:
-  """train.num_steps if set, else train.num_epochs over the (sub)set at the global batch."""
+def num_train_steps(config, data: pipeline.Data) -> int:
+  """train.num_steps if set, else train.num_epochs over `data` at the global batch."""
   if config.train.num_steps < 0:
     raise ValueError(
       f'train.num_steps must be >= 0 (0: use train.num_epochs), got {config.train.num_steps}.'
     )
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
-  steps = int(config.train.num_epochs * pipeline.steps_per_epoch(config))
+  steps = int(config.train.num_epochs * data.steps_per_epoch(config.train.batch_size))
   if steps <= 0:
     raise ValueError(
       f'train.num_epochs={config.train.num_epochs} at train.batch_size='
-      f'{config.train.batch_size} over {pipeline.num_examples(config)} examples is 0 steps '
+      f'{config.train.batch_size} over {data.num_examples} examples is 0 steps '
       '(partial batches are dropped): lower the batch size, raise num_epochs or set '
       'train.num_steps.'
     )
@@ -238,13 +238,14 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
 
-  # 2. Data: this host's share, checkpointable; and the examples drawn in image grids.
+  # 2. Data, prepared once: this host's share, checkpointable; the examples drawn in grids.
+  data = pipeline.prepare(config)
   block = pipeline.host_block(mesh, config.train.batch_size)
-  data_iter = pipeline.create(config, process_index=block)
-  vis = _grid_examples(config, mesh, block)
+  data_iter = pipeline.create(config, data, block=block)
+  vis = _grid_examples(config, data, mesh, block)
 
   # 3. Model, optimiser, abstract state, shardings; the jitted step.
-  setup = build(config, mesh, num_train_steps(config))
+  setup = build(config, mesh, num_train_steps(config, data))
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
   step_fn = jit_train_step(setup, config, k_train)
 
@@ -289,12 +290,12 @@ def _open_workdir(config, workdir: str, allow_config_change: bool):
   return config
 
 
-def _grid_examples(config, mesh: Mesh, block: int) -> dict:
+def _grid_examples(config, data: pipeline.Data, mesh: Mesh, block: int) -> dict:
   """The examples drawn in image grids, replicated: the first batch of a fresh, in-process
   iterator, so grids show the same examples across resumes."""
   vis_config = config.copy_and_resolve_references()
   vis_config.data.num_workers = 0
-  first = pipeline.to_global(next(pipeline.create(vis_config, process_index=block)), mesh)
+  first = pipeline.to_global(next(pipeline.create(vis_config, data, block=block)), mesh)
   return jax.jit(
     lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
     out_shardings=sharding.replicated(mesh),

@@ -20,15 +20,20 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
+def _create(c):
+  return pipeline.create(c, pipeline.prepare(c), block=0, process_count=1)
+
+
 def _indices(batch):
   return dft.index_of(batch['rgb'][..., 2].mean((1, 2)))
 
 
 def test_shapes_ranges_and_same_crop_and_flip(data_dir):
   c = dft.config(data_dir)
-  assert pipeline.num_examples(c) == 32 and pipeline.steps_per_epoch(c) == 4
+  data = pipeline.prepare(c)
+  assert data.num_examples == 32 and data.steps_per_epoch(c.train.batch_size) == 4
   flipped_err = []
-  for b in _take(pipeline.create(c, process_index=0, process_count=1), 4):
+  for b in _take(pipeline.create(c, data, block=0, process_count=1), 4):
     assert b['image'].shape == (8, 24, 24, 3) and b['image'].dtype == np.float32
     assert b['rgb'].shape == (8, 32, 32, 3) and b['rgb'].dtype == np.float32
     assert b['depth'].shape == (8, 32, 32, 1) and b['depth'].dtype == np.float32
@@ -54,8 +59,8 @@ def test_shapes_ranges_and_same_crop_and_flip(data_dir):
 def test_two_hosts_with_workers_disjoint_cover_and_resume(data_dir):
   flags.FLAGS.mark_as_parsed()
   c0, c1 = dft.config(data_dir, workers=2), dft.config(data_dir, workers=0)
-  it0 = pipeline.create(c0, process_index=0, process_count=2)
-  it1 = pipeline.create(c1, process_index=1, process_count=2)
+  it0 = pipeline.create(c0, pipeline.prepare(c0), block=0, process_count=2)
+  it1 = pipeline.create(c1, pipeline.prepare(c1), block=1, process_count=2)
   b0, b1 = _take(it0, 6), _take(it1, 4)  # 16 examples per host per epoch, 4 per batch.
   for b in b0[:1] + b1[:1]:
     assert b['image'].shape == (4, 24, 24, 3) and b['depth'].shape == (4, 32, 32, 1)
@@ -68,7 +73,7 @@ def test_two_hosts_with_workers_disjoint_cover_and_resume(data_dir):
   # a 0-worker run but an epoch holds the same examples; state is restored with equal workers.
   state = it0.get_state()
   next0 = _take(it0, 2)
-  it = pipeline.create(c0, process_index=0, process_count=2)
+  it = pipeline.create(c0, pipeline.prepare(c0), block=0, process_count=2)
   it.set_state(state)
   for want, got in zip(next0, _take(it, 2)):
     np.testing.assert_array_equal(_indices(want), _indices(got))
@@ -80,12 +85,12 @@ def test_resume_through_orbax_gives_same_next_batches(data_dir, tmp_path):
   import orbax.checkpoint as ocp
 
   c = dft.config(data_dir)
-  it = pipeline.create(c, process_index=0, process_count=1)
+  it = _create(c)
   _take(it, 3)  # Mid-epoch (4 batches per epoch) ...
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.save(tmp_path / 'ckpt', args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
   want = _take(it, 3)  # ... and across the epoch boundary.
-  it2 = pipeline.create(c, process_index=0, process_count=1)
+  it2 = _create(c)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
     ckpt.restore(
       tmp_path / 'ckpt', args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(it2))
@@ -106,7 +111,7 @@ def test_misaligned_depth_raises_named_error(tmp_path):
   src[4], src[7]  # Only the swapped pair is wrong.
   # Start-up reads a sample spread over the split (here all 12), so training does not start.
   with pytest.raises(sources.DepthMisalignedError, match='index 5'):
-    pipeline.create(dft.config(tmp_path, batch_size=4), process_index=0, process_count=1)
+    _create(dft.config(tmp_path, batch_size=4))
 
 
 def test_depth_kind_comes_from_the_dataset_unless_set(data_dir, tmp_path, caplog, monkeypatch):
@@ -155,21 +160,21 @@ def test_corrupt_record_is_skipped_and_counted(tmp_path):
   transforms.reset_corrupt_counts()
   # 4 batches: the epoch's 15 good records, then one of the next epoch. Order is kept, so the
   # corrupt record has certainly been read (and counted) before the 16th element exists.
-  seen = np.concatenate([_indices(b) for b in _take(pipeline.create(c, process_count=1), 4)])
+  seen = np.concatenate([_indices(b) for b in _take(_create(c), 4)])
   assert sorted(seen[:15]) == [i for i in range(16) if i != 7]
   assert transforms.corrupt_counts()['skipped'] >= 1
   c.data.max_bad_fraction = 0.0
   transforms.reset_corrupt_counts()
   with pytest.raises(transforms.TooManyCorruptImagesError, match='img_007'):
-    _take(pipeline.create(c, process_count=1), 4)
+    _take(_create(c), 4)
 
 
 def test_subset_is_fixed_and_sized(data_dir):
   c = dft.config(data_dir)
   c.data.subset_size = 8
-  assert pipeline.num_examples(c) == 8
-  a = set(_indices(next(pipeline.create(c, process_count=1))))
-  b = set(_indices(next(pipeline.create(c, process_count=1, seed=5))))
+  assert pipeline.prepare(c).num_examples == 8
+  a = set(_indices(next(_create(c))))
+  b = set(_indices(next(pipeline.create(c, pipeline.prepare(c), process_count=1, seed=5))))
   # One batch = the whole 8-example epoch: the same subset whatever the shuffling seed.
   assert a == b == set(sources.Subset(range(32), 8, c.seed).indices)
 
@@ -190,9 +195,9 @@ def test_depth_name_follows_the_image_dataset_unless_set():
 
   c = common.get_base_config()
   c.data.name = 'my_photos'
-  assert pipeline._resolve(c)[2] == 'my_photos_depth'  # What precompute_depth writes.
+  assert pipeline._names(c)[2] == 'my_photos_depth'  # What precompute_depth writes.
   c.data.depth_name = 'other_depth'
-  assert pipeline._resolve(c)[2] == 'other_depth'
+  assert pipeline._names(c)[2] == 'other_depth'
 
 
 def test_nearly_flat_depth_maps_are_flat_and_real_ranges_stretch():
@@ -211,17 +216,17 @@ def test_missing_datasets_name_the_command_that_makes_them(tmp_path):
   c = dft.config(tmp_path, batch_size=2)
   c.data.depth_name = 'posimg_zoe'
   with pytest.raises(records.DatasetMissingError) as e:
-    pipeline.create(c, process_index=0, process_count=1)
+    _create(c)
   msg = str(e.value)
   assert f"dataset 'posimg_zoe' not found in data_dir {tmp_path}" in msg
   assert 'python -m triplane3d.data.precompute_depth --name=posimg' in msg
   assert '--depth_name=posimg_zoe' in msg and 'Available datasets' not in msg
   c.data.name, c.data.depth_name = 'imagenet2012', ''
   with pytest.raises(records.DatasetMissingError, match=r'triplane3d\.data\.import_folder'):
-    pipeline.create(c, process_index=0, process_count=1)
+    _create(c)
 
 
 def test_an_empty_split_is_a_named_error(tmp_path):
   dft.write(tmp_path, n=0, num_shards=1)
   with pytest.raises(ValueError, match="split 'train' of 'posimg' has no records"):
-    pipeline.create(dft.config(tmp_path, batch_size=2), process_index=0, process_count=1)
+    _create(dft.config(tmp_path, batch_size=2))

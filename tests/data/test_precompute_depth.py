@@ -150,7 +150,7 @@ def test_import_precompute_resume_and_read(tmp_path, model_dir):
   c.data.data_dir, c.data.name, c.data.depth_name = data_dir, 'pets', 'pets_depth'
   c.data.num_workers, c.model.img_size, c.render.resolution, c.train.batch_size = 0, 28, 16, 4
   assert c.depth.is_disparity is None and pipeline.depth_is_disparity(c)  # From the dataset.
-  b = next(pipeline.create(c, process_count=1))
+  b = next(pipeline.create(c, pipeline.prepare(c), process_count=1))
   assert b['depth'].shape == (4, 16, 16, 1) and b['image'].shape == (4, 28, 28, 3)
   assert 1.5 <= b['depth'].min() and b['depth'].max() <= 2.5
 
@@ -341,7 +341,7 @@ def test_clipping_most_targets_warns_once_with_the_fraction(tmp_path, model_dir,
   # The demo's rule on model output (~1 ± 0.1, all below near = 1.5): every pixel clips.
   c.depth.normalize, c.depth.is_disparity = 'none', False
   with caplog.at_level('WARNING'):
-    it = pipeline.create(c, process_count=1)
+    it = pipeline.create(c, pipeline.prepare(c), process_count=1)
     for _ in range(3):
       next(it)
   clipped = [r.getMessage() for r in caplog.records if 'clipped to camera.near' in r.getMessage()]
@@ -350,7 +350,7 @@ def test_clipping_most_targets_warns_once_with_the_fraction(tmp_path, model_dir,
   caplog.clear()
   c.depth.normalize, c.depth.is_disparity = 'percentile', None  # The paper's rule: ~4 %.
   with caplog.at_level('WARNING'):
-    it = pipeline.create(c, process_count=1)
+    it = pipeline.create(c, pipeline.prepare(c), process_count=1)
     for _ in range(3):
       next(it)
   assert 'clipped to camera.near' not in caplog.text

@@ -130,9 +130,11 @@ def test_demo_config_generates_on_first_use_and_reads_like_tfds(tmp_path):
 
   c = demo.get_config()
   c.workdir, c.data.num_synthetic, c.depth.normalize = str(tmp_path), 40, 'none'
-  b = next(pipeline.create(c, process_count=1))  # Generates into <workdir>/data.
+  data = pipeline.prepare(c)  # Generates into <workdir>/data.
+  b = next(pipeline.create(c, data, process_count=1))
   s, r = c.model.img_size, c.render.resolution
   assert b['image'].shape == (16, s, s, 3) and b['depth'].shape == (16, r, r, 1)
   assert records.is_prepared(str(tmp_path / 'data'), synthetic.DEPTH_NAME)
-  assert pipeline.num_examples(c) == 40  # Second use: the existing dataset is reused.
+  assert data.num_examples == 40
+  assert pipeline.prepare(c).num_examples == 40  # Second use: the existing dataset is reused.
   assert (b['depth'] <= CAM.far).all() and (b['depth'] > CAM.near).any()

@@ -1,5 +1,8 @@
 """The grain input pipeline: joined image + depth records → augmented per-host batches.
 
+`prepare(config)` makes the data ready once (generates synthetic scenes if missing, opens the
+datasets, checks their alignment, counts); `create(config, data)` builds an iterator over it:
+
   source (ImageDepthSource, optionally a fixed random Subset)
     → shuffle(seed), reshuffled every epoch → repeat forever
     → DecodeAugment (random_map: crop/flip drawn from the *global* index, so augmentation does
@@ -23,7 +26,9 @@ Whether the stored depth is distance or disparity comes from the depth dataset
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any
 
 import grain
 import jax
@@ -58,9 +63,9 @@ class HostBlocks(grain.MapDataset):
   the losses do not depend on the number of hosts.
   """
 
-  def __init__(self, parent: grain.MapDataset, global_batch: int, index: int, count: int):
+  def __init__(self, parent: grain.MapDataset, global_batch: int, block: int, count: int):
     super().__init__(parent)
-    self._g, self._b, self._p = global_batch, global_batch // count, index
+    self._g, self._b, self._p = global_batch, global_batch // count, block
 
   def __len__(self) -> int:
     return len(self._parent) // self._g * self._b
@@ -72,8 +77,9 @@ class HostBlocks(grain.MapDataset):
     return self._parent[j * self._g + self._p * self._b + t]
 
 
-def _resolve(config) -> tuple[str, str, str, str]:
-  """(data_dir, image dataset name, depth dataset name, split); generates synthetic data."""
+def _names(config) -> tuple[str, str, str, str]:
+  """(data_dir, image dataset name, depth dataset name, split) of `config.data`; reads and
+  writes nothing."""
   d = config.data
   if d.source == 'tfds':
     # Unset: the name precompute_depth writes by default for this image dataset.
@@ -85,46 +91,62 @@ def _resolve(config) -> tuple[str, str, str, str]:
     raise ValueError("data.source='synthetic' needs data.data_dir (or workdir) to write into.")
   if d.num_synthetic <= 0:
     raise ValueError("data.source='synthetic' needs data.num_synthetic > 0.")
-  synthetic.ensure_dataset(
-    data_dir,
-    num_examples=d.num_synthetic,
-    seed=config.seed,
-    camera=Camera.from_config(config.camera),
-    resolution=synthetic.default_resolution(config.render.resolution, config.model.img_size),
-  )
   return data_dir, synthetic.NAME, synthetic.DEPTH_NAME, 'train'
 
 
-def _source(config):
-  data_dir, name, depth_name, split = _resolve(config)
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """The training examples, prepared once (`prepare`) and reused by every `create`.
+
+  Attributes:
+    source: the joined image + depth source, checked for alignment (a fixed random
+      `sources.Subset` of it when `data.subset_size` > 0); random access, picklable.
+  """
+
+  source: Any
+
+  @property
+  def num_examples(self) -> int:
+    """Examples per epoch (the subset size when training on a subset); global, all hosts."""
+    return len(self.source)
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Optimizer steps in one epoch at the global `batch_size` (partial batches dropped)."""
+    return self.num_examples // batch_size
+
+
+def prepare(config) -> Data:
+  """Makes the training data ready, once: generates the synthetic scenes if they are missing
+  (`synthetic.ensure_dataset`, idempotent), opens the image and depth datasets, checks that
+  they belong together (`check_alignment`) and takes the subset. Every process calls it.
+  """
+  data_dir, name, depth_name, split = _names(config)
+  if config.data.source == 'synthetic':
+    synthetic.ensure_dataset(
+      data_dir,
+      num_examples=config.data.num_synthetic,
+      seed=config.seed,
+      camera=Camera.from_config(config.camera),
+      resolution=synthetic.default_resolution(config.render.resolution, config.model.img_size),
+    )
   src = sources.ImageDepthSource(data_dir, name, depth_name, split)
   if src.info is None and config.data.source == 'tfds':
     _warn_once(
       f'depth dataset {depth_name!r} has no depth_info-{split}.json (made by an older '
       'precompute_depth, or another tool): edited images are not detected and its depth kind '
-      f'is unknown. Bring it up to date: {sources.update_command(*_resolve(config), None)}'
+      f'is unknown. Bring it up to date: {sources.update_command(*_names(config), None)}'
     )
   src.check_alignment()
   if config.data.subset_size > 0:
     src = sources.Subset(src, config.data.subset_size, seed=config.seed)
-  return src
-
-
-def num_examples(config) -> int:
-  """Examples per epoch (the subset size when training on a subset); global, all hosts."""
-  return len(_source(config))
-
-
-def steps_per_epoch(config) -> int:
-  """Optimizer steps in one epoch at the global batch size (partial batches dropped)."""
-  return num_examples(config) // config.train.batch_size
+  return Data(src)
 
 
 def _stored_output(config) -> tuple[str | None, str]:
   """(the depth dataset's 'distance' / 'disparity' or None if unrecorded, a description)."""
   if config.data.source == 'synthetic':
     return 'distance', 'the synthetic scenes (exact distance)'
-  data_dir, _, depth_name, split = _resolve(config)  # tfds: names only, no side effects.
+  data_dir, _, depth_name, split = _names(config)
   info = depth_format.read_info(data_dir, depth_name, split)
   if info is None:
     return None, f'depth dataset {depth_name!r}'
@@ -239,7 +261,7 @@ def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', '
   return lo // b
 
 
-def create(config, *, process_index=None, process_count=None, seed=None):
+def create(config, data: Data, *, block=None, process_count=None, seed=None):
   """An endless, checkpointable iterator over this host's training batches.
 
   Data sources (`config.data`):
@@ -247,18 +269,20 @@ def create(config, *, process_index=None, process_count=None, seed=None):
       or one made by `import_folder`), depth from `data.depth_name` (made by
       `precompute_depth`), both under `data.data_dir` ('' = the TFDS default), split
       `data.split`.
-    source='synthetic': `data.num_synthetic` scenes (seed `config.seed`) are generated on first
-      use into `data.data_dir` (empty: `<workdir>/data`) as the datasets `synthetic_scenes` and
-      `synthetic_scenes_depth`, split 'train', in the same formats (`synthetic.ensure_dataset`;
-      idempotent); `data.name`, `data.depth_name` and `data.split` are ignored. The stored
-      depth is exact scene depth, so `depth.normalize='none'` keeps the true geometry.
+    source='synthetic': `data.num_synthetic` scenes (seed `config.seed`), generated by
+      `prepare` into `data.data_dir` (empty: `<workdir>/data`) as the datasets
+      `synthetic_scenes` and `synthetic_scenes_depth`, split 'train', in the same formats;
+      `data.name`, `data.depth_name` and `data.split` are ignored. The stored depth is exact
+      scene depth, so `depth.normalize='none'` keeps the true geometry.
 
   Args:
     config: the experiment config (`data`, `depth`, `camera`, `model.img_size`,
       `render.resolution`, `train.batch_size`, `seed`).
-    process_index, process_count: this host's share (default: jax.process_index/count());
-      `process_index` is the block of each global batch the host reads: pass `host_block(mesh,
-      batch)` so rows land where the mesh puts this host's devices.
+    data: `prepare(config)`, made once and shared by every iterator.
+    block, process_count: this host's share (default: jax.process_index/count()): `block`
+      is the block of each global batch the host reads; pass `sharding.host_block(mesh,
+      batch)` so rows land where the mesh puts this host's devices. The global batch must
+      split evenly over the hosts (`sharding.check_batch`).
     seed: shuffling / augmentation seed (default: `config.seed`).
 
   Returns:
@@ -269,17 +293,15 @@ def create(config, *, process_index=None, process_count=None, seed=None):
       'depth' (b, R, R, 1) float32 in [camera.near, camera.far];
       'label' (b,) int32.
     It has get_state() / set_state() for checkpointing and never ends (epochs repeat; see
-    `num_examples` / `steps_per_epoch` for epoch accounting).
+    `Data.num_examples` / `Data.steps_per_epoch` for epoch accounting).
   """
-  pi = jax.process_index() if process_index is None else process_index
+  block = jax.process_index() if block is None else block
   pc = jax.process_count() if process_count is None else process_count
   seed = config.seed if seed is None else seed
-  if config.train.batch_size % pc:
-    raise ValueError(f'train.batch_size {config.train.batch_size} is not divisible by {pc} hosts.')
-  ds = grain.MapDataset.source(_source(config))
+  ds = grain.MapDataset.source(data.source)
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.random_map(augmentation(config), seed=seed + 1)
-  ds = HostBlocks(ds, config.train.batch_size, pi, pc)
+  ds = HostBlocks(ds, config.train.batch_size, block, pc)
   workers = config.data.num_workers
   # Threads decode in parallel even in-process: PIL releases the GIL while decoding/resizing.
   ds = ds.to_iter_dataset(
