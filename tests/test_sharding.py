@@ -200,3 +200,12 @@ def test_state_shardings_matches_path_suffixes_and_checks_fit(devices):
   got = sharding.state_shardings(state, param_sh, mesh)
   assert got['params']['enc']['kernel'] == fsdp and got['opt']['mu']['enc']['kernel'] == fsdp
   assert got['stats']['enc']['kernel'].spec == P() and got['kernel'].spec == P()
+
+
+def test_to_global_shards_batch_over_mesh(devices):
+  mesh = jax.make_mesh((4, 2), ('data', 'fsdp'), devices=devices)
+  batch = {'x': np.arange(16 * 3, dtype=np.float32).reshape(16, 3), 'y': np.arange(16)}
+  g = sharding.to_global(batch, mesh)
+  assert g['x'].shape == (16, 3) and len(g['x'].sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(g['x']), batch['x'])
+  assert g['x'].addressable_shards[0].data.shape == (2, 3)

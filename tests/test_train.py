@@ -33,7 +33,7 @@ def _setup(config, devices):
     state['params']['backbone']
   )
   step = train.jit_train_step(setup, config, k_train)
-  batch = pipeline.to_global(next(pipeline.create(config, pipeline.prepare(config))), mesh)
+  batch = sharding.to_global(next(pipeline.create(config, pipeline.prepare(config))), mesh)
   return mesh, state, teacher, step, batch
 
 

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and helpers that turn a pytree into its shardings.
+"""Device mesh, logical-axis rules, the shardings of pytrees, and placing host data on them.
 
 The mesh has two axes, `('data', 'fsdp')`. The batch is split over both (every device sees a
 different slice of it); big weights are additionally split over 'fsdp' along their 'embed' (or,
@@ -22,6 +22,11 @@ Typical use (shapes: `batch_bhwc` has its leading dim split over data×fsdp):
   state = jax.jit(make_state, out_shardings=state_sh)(...)
   step = jax.jit(train_step, in_shardings=(state_sh, batch_sharding(mesh)),
                  out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+  it = pipeline.create(config, data, block=host_block(mesh, global_batch))
+  state, metrics = step(state, to_global(next(it), mesh))   # this host's rows → global batch
+
+`batch_sharding(mesh)` is the one statement of how a batch is split; `host_block` and
+`to_global` read it, and `shard_like` places host values (loaded weights) on any shardings.
 """
 
 from __future__ import annotations
@@ -277,12 +282,55 @@ def _fits(sh: NamedSharding, shape: tuple[int, ...]) -> bool:
 
 
 def shard_like(tree: Any, shardings: Any) -> Any:
-  """`jax.device_put` of every leaf of `tree` onto the matching sharding (same structure).
+  """Host values identical on every process → global jax.Arrays on `shardings`.
 
-  For host-side values present on every process (e.g. freshly loaded checkpoint weights);
-  inside jit prefer out_shardings. Works with a single sharding for the whole tree too.
+  `shardings` has the structure of `tree`, or is one sharding for every leaf. Each process
+  fills only its own devices (from its copy), so it works across hosts; e.g. freshly loaded
+  checkpoint weights. Inside jit prefer out_shardings.
   """
-  return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, sh):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def host_block(mesh: Mesh, global_batch: int) -> int:
+  """Which contiguous block of each global batch this process's devices hold.
+
+  `to_global` places a host's rows wherever `batch_sharding(mesh)` puts its devices; reading
+  the block off that sharding (rather than assuming block = process index) keeps the global
+  batch identical to the single-process one on any device layout.
+  """
+  rows = batch_sharding(mesh).addressable_devices_indices_map((global_batch,)).values()
+  rows = [idx[0] for idx in rows]
+  lo = min(r.start or 0 for r in rows)
+  hi = max(global_batch if r.stop is None else r.stop for r in rows)
+  b = global_batch // jax.process_count()
+  if hi - lo != b or lo % b:
+    raise ValueError(
+      f'this process holds batch rows [{lo}, {hi}) of {global_batch}, not one block of {b}; '
+      'use a mesh whose batch axes give every process a contiguous share.'
+    )
+  return lo // b
+
+
+def to_global(batch: Any, mesh: Mesh) -> Any:
+  """Assembles every host's numpy batch into global jax.Arrays on `batch_sharding(mesh)`.
+
+  Args:
+    batch: this host's batch, arrays of shape (b, ...) with b = global batch / process_count
+      (its `host_block` of the global batch).
+    mesh: the device mesh.
+
+  Returns:
+    The same tree, as jax.Arrays of shape (b · process_count, ...), sharded on dim 0.
+  """
+  sh = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sh, np.asarray(x)), batch)
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -57,16 +57,6 @@ def num_train_steps(config, data: pipeline.Data) -> int:
   return steps
 
 
-def _global_put(tree: Any, shardings: Any) -> Any:
-  """Host numpy arrays (identical on every process) → global jax.Arrays on `shardings`."""
-
-  def put(x, sh):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
-
-  return jax.tree.map(put, tree, shardings)
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What the trainer derives from the config and the mesh before any array exists.
@@ -240,7 +230,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 
   # 2. Data, prepared once: this host's share, checkpointable; the examples drawn in grids.
   data = pipeline.prepare(config)
-  block = pipeline.host_block(mesh, config.train.batch_size)
+  block = sharding.host_block(mesh, config.train.batch_size)
   data_iter = pipeline.create(config, data, block=block)
   vis = _grid_examples(config, data, mesh, block)
 
@@ -295,7 +285,7 @@ def _grid_examples(config, data: pipeline.Data, mesh: Mesh, block: int) -> dict:
   iterator, so grids show the same examples across resumes."""
   vis_config = config.copy_and_resolve_references()
   vis_config.data.num_workers = 0
-  first = pipeline.to_global(next(pipeline.create(vis_config, data, block=block)), mesh)
+  first = sharding.to_global(next(pipeline.create(vis_config, data, block=block)), mesh)
   return jax.jit(
     lambda b: {k: b[k][:NUM_VIS] for k in ('image', 'rgb', 'depth')},
     out_shardings=sharding.replicated(mesh),
@@ -317,11 +307,11 @@ def _init_or_restore(setup: Setup, config, ckpt: checkpoint.Checkpointer, data_i
     start = 0
     state = jax.jit(setup.init_state, out_shardings=state_sh)(key)
     if loaded is not None:
-      state['params']['backbone'] = _global_put(loaded, state_sh['params']['backbone'])
+      state['params']['backbone'] = sharding.shard_like(loaded, state_sh['params']['backbone'])
   teacher = {}
   if setup.use_teacher:
     if loaded is not None:
-      teacher = _global_put(loaded, teacher_sh)
+      teacher = sharding.shard_like(loaded, teacher_sh)
     else:  # From scratch with distillation: the teacher is the student's random init.
       init_backbone = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
       teacher = jax.jit(init_backbone, out_shardings=teacher_sh)(key)
@@ -470,7 +460,7 @@ def _loop(setup: Setup, config, step_fn, state, start: int, context: _Context) -
     meter.restart_clock()
     step = start
     while step < setup.num_steps:
-      batch = pipeline.to_global(next(ctx.data_iter), setup.mesh)
+      batch = sharding.to_global(next(ctx.data_iter), setup.mesh)
       state, metrics = step_fn(state, batch)
       step += 1
       meter.add(step, metrics, first=step == start + 1)

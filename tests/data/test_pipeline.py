@@ -179,17 +179,6 @@ def test_subset_is_fixed_and_sized(data_dir):
   assert a == b == set(sources.Subset(range(32), 8, c.seed).indices)
 
 
-def test_to_global_shards_batch_over_mesh(devices):
-  import jax
-
-  mesh = jax.make_mesh((4, 2), ('data', 'fsdp'), devices=devices)
-  batch = {'x': np.arange(16 * 3, dtype=np.float32).reshape(16, 3), 'y': np.arange(16)}
-  g = pipeline.to_global(batch, mesh)
-  assert g['x'].shape == (16, 3) and len(g['x'].sharding.device_set) == 8
-  np.testing.assert_array_equal(np.asarray(g['x']), batch['x'])
-  assert g['x'].addressable_shards[0].data.shape == (2, 3)
-
-
 def test_depth_name_follows_the_image_dataset_unless_set():
   from triplane3d.configs import common
 

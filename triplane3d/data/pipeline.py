@@ -16,8 +16,8 @@ Shuffling before sharding means each epoch every host sees a different 1/process
 data, and together the hosts see each example exactly once per epoch. The returned iterator is
 a grain `DatasetIterator`: its `get_state()` / `set_state()` round-trip through
 `grain.checkpoint.CheckpointSave/CheckpointRestore` (orbax), and a restored iterator continues
-with the very next batch. `to_global` turns a host's numpy batch into globally sharded
-`jax.Array`s.
+with the very next batch. `sharding.to_global` turns a host's numpy batch into globally
+sharded `jax.Array`s.
 
 Whether the stored depth is distance or disparity comes from the depth dataset
 (`depth_info` 'output', written by `precompute_depth`) unless `depth.is_disparity` is set:
@@ -34,7 +34,6 @@ import grain
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec
 
 from triplane3d.data import depth_format, sources, synthetic, transforms
 from triplane3d.render.camera import Camera
@@ -58,7 +57,7 @@ class HostBlocks(grain.MapDataset):
 
   Global batch j is elements [j·G, (j+1)·G) of the parent; host p of P takes
   [j·G + p·b, j·G + (p+1)·b) with b = G / P. Concatenating the hosts' batches in process order
-  (what `to_global` does) therefore rebuilds exactly the single-process batch, element for
+  (what `sharding.to_global` does) therefore rebuilds exactly the single-process batch, element for
   element, so per-example randomness keyed by batch position (ray subsets, jitter) and hence
   the losses do not depend on the number of hosts.
   """
@@ -240,27 +239,6 @@ class _ClipWatch(grain.transforms.Map):
     return batch
 
 
-def host_block(mesh: jax.sharding.Mesh, global_batch: int, batch_axes=('data', 'fsdp')) -> int:
-  """Which contiguous block of each global batch this process's devices hold.
-
-  `make_array_from_process_local_data` places a host's rows wherever the mesh puts its
-  devices; reading that off the batch sharding (rather than assuming block = process index)
-  keeps the global batch identical to the single-process one on any device layout.
-  """
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  sh = NamedSharding(mesh, PartitionSpec(axes or None))
-  rows = [idx[0] for idx in sh.addressable_devices_indices_map((global_batch,)).values()]
-  lo = min(r.start or 0 for r in rows)
-  hi = max(global_batch if r.stop is None else r.stop for r in rows)
-  b = global_batch // jax.process_count()
-  if hi - lo != b or lo % b:
-    raise ValueError(
-      f'this process holds batch rows [{lo}, {hi}) of {global_batch}, not one block of {b}; '
-      'use a mesh whose batch axes give every process a contiguous share.'
-    )
-  return lo // b
-
-
 def create(config, data: Data, *, block=None, process_count=None, seed=None):
   """An endless, checkpointable iterator over this host's training batches.
 
@@ -316,20 +294,3 @@ def create(config, data: Data, *, block=None, process_count=None, seed=None):
     camera = Camera.from_config(config.camera)
     ds = ds.map(_ClipWatch(camera.near, camera.far, config.depth.normalize))  # Main process.
   return iter(ds)
-
-
-def to_global(batch: dict, mesh: jax.sharding.Mesh, batch_axes=('data', 'fsdp')) -> dict:
-  """Assembles every host's numpy batch into global jax.Arrays, batch dim over `batch_axes`.
-
-  Args:
-    batch: this host's batch, arrays of shape (b, ...) with b = global batch / process_count.
-    mesh: the device mesh; axes of `batch_axes` missing from it are ignored.
-
-  Returns:
-    The same keys, as jax.Arrays of shape (b * process_count, ...), sharded on dim 0.
-  """
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  sharding = NamedSharding(mesh, PartitionSpec(axes or None))
-  return jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
-  )
