@@ -1,5 +1,6 @@
 """Tests for triplane3d/checkpoint.py: save/restore of sharded state plus the data iterator,
-atomicity, clear mismatch errors, and preemption (SIGTERM) in one and in two real processes.
+atomicity, clear mismatch errors, and saving on preemption (SIGTERM, `preemption.py`) in one
+and in two real processes.
 
 The multi-process tests run `_loop_worker` below in fresh processes (see multiprocess.py): a
 fake training loop whose state update and data are simple enough to replay in numpy, so
@@ -24,7 +25,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from triplane3d import checkpoint, sharding
+from triplane3d import checkpoint, preemption, sharding
 
 LOCAL_BATCH = 4  # × 2 processes: a global batch of 8, one row per device.
 W_SHAPE = (8, 4)
@@ -91,7 +92,7 @@ def _loop_worker():
   batches = []
   with (
     checkpoint.Checkpointer(workdir, keep=2, save_every=4) as ckpt,
-    checkpoint.PreemptionGuard() as guard,
+    preemption.PreemptionGuard() as guard,
   ):
     abstract = {
       'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=shs['step']),
@@ -200,33 +201,6 @@ def test_mismatched_tree_is_a_clear_error(devices, tmp_path):
     assert 'fresh --workdir' in msg
     with pytest.raises(ValueError, match='no data-iterator state'):
       ckpt.restore_latest(jax.eval_shape(lambda: state), _data_iter())
-
-
-def test_guard_sets_flag_chains_and_restores_handler(devices):
-  seen = []
-  previous = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
-  try:
-    guard = checkpoint.PreemptionGuard()
-    with guard:
-      assert not guard.should_stop(1)
-      os.kill(os.getpid(), signal.SIGTERM)
-      assert guard.signalled and guard.should_stop(2) and guard.should_stop(3)
-    assert seen == [signal.SIGTERM]  # The previous Python handler was chained.
-    os.kill(os.getpid(), signal.SIGTERM)  # Restored: goes to the old handler only.
-    assert seen == [signal.SIGTERM, signal.SIGTERM]
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
-def test_first_ctrl_c_stops_cleanly_second_quits_at_once():
-  previous = signal.getsignal(signal.SIGINT)
-  guard = checkpoint.PreemptionGuard()
-  with guard:
-    os.kill(os.getpid(), signal.SIGINT)  # No KeyboardInterrupt: a save is requested instead.
-    assert guard.signalled and guard.should_stop(1)
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is previous  # Restored on exit.
 
 
 def test_two_processes_agree_on_preemption_and_resume(tmp_path):

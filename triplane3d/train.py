@@ -26,7 +26,16 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from triplane3d import checkpoint, convert, losses, optim, run_config, sharding, summaries
+from triplane3d import (
+  checkpoint,
+  convert,
+  losses,
+  optim,
+  preemption,
+  run_config,
+  sharding,
+  summaries,
+)
 from triplane3d.data import pipeline
 from triplane3d.evaluate import reconstruction
 from triplane3d.models.prior3d import Prior3D, unbox
@@ -243,7 +252,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     workdir, keep=config.train.keep_ckpts, save_every=config.train.ckpt_every_steps
   )
   # Multi-host preemption agreement is a (tiny) blocking collective: not every step.
-  guard = checkpoint.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
+  guard = preemption.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
   writer = summaries.Writer(workdir)
   with ckpt, guard:
     try:
@@ -359,7 +368,7 @@ class _Context:
 
   data_iter: Any
   ckpt: checkpoint.Checkpointer
-  guard: checkpoint.PreemptionGuard
+  guard: preemption.PreemptionGuard
   writer: summaries.Writer
   renders: _Renders
 
