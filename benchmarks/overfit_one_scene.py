@@ -61,11 +61,14 @@ def main():
   )
   wall = time.perf_counter() - start
   base = result['baselines']
-  print(f'baselines: mean colour {base["psnr"]:.2f} dB, constant depth {base["depth_abs"]:.4f}')
+  print(
+    f'baselines: mean colour {base["psnr"]:.2f} dB, constant depth |err| {base["depth_abs"]:.4f}'
+    f' (median), RMSE {base["depth_rmse"]:.4f} (mean)'
+  )
   last = result['curve'][-1]
   print(
     f'final: step {last["step"]}  PSNR {last["psnr"]:.2f} dB  depth |err| {last["depth_abs"]:.4f}'
-    f'  ({wall:.0f} s)'
+    f'  RMSE {last["depth_rmse"]:.4f}  ({wall:.0f} s)'
   )
   if args.png:
     f = result['final']
