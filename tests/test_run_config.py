@@ -129,3 +129,12 @@ def test_a_field_added_later_is_no_change_at_its_default(tmp_path):
   assert run_config.differences(old, new) == []
   new.render.plane_space = 'frustum'
   assert run_config.differences(old, new) == [('render.plane_space', '<absent>', 'frustum')]
+
+
+def test_reading_an_older_run_fills_fields_added_later(tmp_path):
+  old = _stored('d')
+  del old.render['plane_space']
+  (tmp_path / 'config.json').write_text(run_config.to_json(old))
+  back = run_config.read(str(tmp_path))
+  assert back.render.plane_space == 'box'  # The default: the behaviour before the field.
+  assert back.train.num_steps == old.train.num_steps  # Stored values win.

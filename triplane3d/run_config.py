@@ -86,8 +86,23 @@ def write(workdir: str, config: mlc.ConfigDict) -> None:
     tmp.replace(path)
 
 
+def _merged(base: Mapping, stored: Mapping) -> dict:
+  out = dict(base)
+  for k, v in stored.items():
+    both = isinstance(v, Mapping) and isinstance(out.get(k), Mapping)
+    out[k] = _merged(out[k], v) if both else v
+  return out
+
+
 def read(workdir: str) -> mlc.ConfigDict | None:
-  """The config stored in `workdir` (locked, tuples as tuples), or None if there is none."""
+  """The config stored in `workdir` (locked, tuples as tuples), or None if there is none.
+
+  Fields added to the project after the run stored its config get their defaults from
+  `configs/common.py` (a new field defaults to the behaviour from before it existed), so tools
+  such as `reconstruct` can build an older run's model.
+  """
+  from triplane3d.configs import common
+
   path = _paths(workdir)[0]
   if not path.exists():
     return None
@@ -95,7 +110,7 @@ def read(workdir: str) -> mlc.ConfigDict | None:
     stored = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f'{path} is not valid JSON ({e}); repair it or delete it.') from e
-  config = mlc.ConfigDict(_plain(stored))
+  config = mlc.ConfigDict(_plain(_merged(common.get_base_config().to_dict(), stored)))
   config.lock()
   return config
 
