@@ -15,10 +15,11 @@ epoch, seed and transform) and marked `streamed`: the runner reads them one epoc
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 from PIL import Image
+
+from triplane3d.data import transforms
 
 SCALE = (0.08, 1.0)
 RATIO = (3 / 4, 4 / 3)
@@ -26,24 +27,11 @@ TRANSFORM = 'RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3), bicubic) + 
 
 
 def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
-  """(top, left, crop height, crop width) of torchvision's RandomResizedCrop.get_params."""
-  area = width * height
-  log_ratio = (math.log(RATIO[0]), math.log(RATIO[1]))
-  for _ in range(10):
-    target = area * rng.uniform(*SCALE)
-    aspect = math.exp(rng.uniform(*log_ratio))
-    w = round(math.sqrt(target * aspect))
-    h = round(math.sqrt(target / aspect))
-    if 0 < w <= width and 0 < h <= height:
-      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-  ratio = width / height  # Fallback: the central crop, its ratio clamped to RATIO.
-  if ratio < RATIO[0]:
-    w, h = width, round(width / RATIO[0])
-  elif ratio > RATIO[1]:
-    w, h = round(height * RATIO[1]), height
-  else:
-    w, h = width, height
-  return (height - h) // 2, (width - w) // 2, h, w
+  """(top, left, crop height, crop width) of torchvision's RandomResizedCrop.get_params, with
+  the training pipeline's sampler (`transforms.random_resized_crop_box`) at DINOv2's scale and
+  ratio."""
+  left, top, right, bottom = transforms.random_resized_crop_box(rng, height, width, SCALE, RATIO)
+  return top, left, bottom - top, right - left
 
 
 def view(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
