@@ -65,8 +65,6 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from triplane3d import sharding
-
 STATE, DATA = 'state', 'data'
 CHECKPOINTS = 'checkpoints'
 CORRUPT = 'checkpoints_corrupt'
@@ -564,5 +562,5 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
       # Typed PRNG keys are stored as their raw key data (e.g. shape (2,) for threefry).
       leaf = jax.eval_shape(jax.random.key_data, leaf)
     # orbax metadata turns NamedTuple fields and tuple indices into plain keys: compare names.
-    out[sharding.path_str(path)] = tuple(np.shape(leaf))
+    out[jax.tree_util.keystr(path, simple=True, separator='/')] = tuple(np.shape(leaf))
   return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from triplane3d import render
+
 
 def mse(pred: jax.Array, target: jax.Array) -> jax.Array:
   """Mean squared error over every element (float32)."""
@@ -30,12 +32,6 @@ def depth_error(pred: jax.Array, target: jax.Array, kind: str = 'l2') -> jax.Arr
   if kind == 'l1':
     return jnp.mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)))
   raise ValueError(f"loss.depth_loss must be 'l2' or 'l1', got {kind!r}.")
-
-
-def gather_rays(image_bhwc: jax.Array, ray_indices_bn: jax.Array) -> jax.Array:
-  """Targets (B, H, W, C) at row-major pixel indices (B, n) → (B, n, C)."""
-  b, h, w, c = image_bhwc.shape
-  return jnp.take_along_axis(image_bhwc.reshape(b, h * w, c), ray_indices_bn[..., None], axis=1)
 
 
 def density_l1(densities_bnk: jax.Array, reduction: str = 'mean') -> jax.Array:
@@ -71,9 +67,10 @@ def objective(recon: dict, batch: dict, h_student, h_teacher, loss_cfg) -> tuple
     `(total, terms)`: terms has 'rgb', 'depth', 'dist', 'norm' (0 where absent), 'total',
     and the diagnostics 'psnr' and 'depth_abs' (mean |depth error|) that take no weight.
   """
-  idx = recon['ray_indices']
-  rgb_t = gather_rays(batch['rgb'], idx)
-  depth_t = gather_rays(batch['depth'], idx)
+  # Targets (B, R, R, C) at the rendered rays' row-major pixel indices (B, n) → (B, n, C).
+  gather = jax.vmap(render.gather_pixels)
+  rgb_t = gather(batch['rgb'], recon['ray_indices'])
+  depth_t = gather(batch['depth'], recon['ray_indices'])
   zero = jnp.zeros((), jnp.float32)
   terms = {
     'rgb': mse(recon['rgb'], rgb_t),

@@ -13,8 +13,6 @@ import re
 import jax
 import optax
 
-from triplane3d import sharding
-
 
 def schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Learning rate per step: constant (paper) or cosine to 0, after an optional linear warm-up."""
@@ -36,7 +34,7 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
   unmatched = []
 
   def label(path, _):
-    name = sharding.path_str(path)
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
     for i, (pat, mult) in enumerate(rules):
       if pat.fullmatch(name):
         return 'frozen' if mult == 0 else f'group{i}'

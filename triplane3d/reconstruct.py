@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from triplane3d import summaries
 from triplane3d.data import images
-from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from triplane3d.data.transforms import imagenet_normalize
 from triplane3d.models.prior3d import Prior3D
 from triplane3d.models.triplane import point_mlp
 from triplane3d.render.camera import Camera
@@ -102,7 +102,7 @@ def load_image(path: str, size: int) -> np.ndarray:
   """
   img = images.open_rgb(path)
   pixels = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), np.float32)
-  return (pixels / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  return imagenet_normalize(pixels)
 
 
 def orbit_angles(num_frames: int, max_angle: float) -> np.ndarray:

@@ -213,24 +213,10 @@ def logical_to_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]
   return jax.tree.map(one, tree, is_leaf=lambda x: _is_box(x) or isinstance(x, P))
 
 
-def _key_name(k: Any) -> Any:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(k, attr):
-      return getattr(k, attr)
-  return str(k)
-
-
-def _path(path: Sequence[Any]) -> tuple[Any, ...]:
-  return tuple(_key_name(k) for k in path)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'/'-joined names of a pytree key path ('params/backbone/blocks_0/attn/qkv/kernel').
-
-  Dict keys, attribute names and sequence indices all become plain names, so the same leaf
-  reads the same whether the path comes from a live tree or from orbax metadata.
-  """
-  return '/'.join(str(n) for n in _path(path))
+def _path(path: Sequence[Any]) -> tuple[str, ...]:
+  """A pytree key path as plain names: dict keys, attribute names and sequence indices alike,
+  so the same leaf reads the same from a live tree and from orbax metadata."""
+  return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def state_shardings(abstract_state: Any, param_shardings: Any, mesh: Mesh) -> Any:

@@ -20,7 +20,8 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
-from triplane3d.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from triplane3d.data import depth_format
+from triplane3d.data.transforms import imagenet_denormalize
 
 MIN_TILE = 128  # Smallest side, in pixels, of a tile in a grid.
 COLUMNS = ('input', 'RGB', 'depth', 'target RGB', 'target depth')
@@ -135,11 +136,7 @@ def colorize_depth(depth, near: float, far: float) -> np.ndarray:
   """
   if not far > near:
     raise ValueError(f'colorize_depth needs far > near, got near={near}, far={far}.')
-  d = np.asarray(depth, np.float64)
-  if d.ndim == 3 and d.shape[-1] == 1:
-    d = d[..., 0]
-  if d.ndim != 2:
-    raise ValueError(f'depth must be (H, W) or (H, W, 1), got shape {np.shape(depth)}.')
+  d = depth_format.as_hw(depth, 'colorize_depth: depth')
   finite = np.isfinite(d)
   t = np.clip((np.where(finite, d, near) - near) / (far - near), 0.0, 1.0)
   xs = np.linspace(0.0, 1.0, len(_VIRIDIS_ANCHORS))
@@ -201,7 +198,7 @@ def reconstruction_grid(
   tile = r * max(1, math.ceil(MIN_TILE / r))  # What `upscale` makes of an R × R render.
   rows = []
   for i in range(rgb_brr3.shape[0]):
-    inp = np.asarray(images_bhw3[i], np.float32) * IMAGENET_STD + IMAGENET_MEAN
+    inp = imagenet_denormalize(images_bhw3[i])
     tiles = [
       _fit(to_uint8(inp), tile),
       upscale(to_uint8(rgb_brr3[i])),

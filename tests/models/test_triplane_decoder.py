@@ -9,13 +9,8 @@ import numpy as np
 import torch
 
 from triplane3d.configs import common, demo
-from triplane3d.models.triplane import (
-  CrossAttentionBlock,
-  PointMLP,
-  TriplaneDecoder,
-  UpsampleBlock,
-  point_mlp,
-)
+from triplane3d.models.layers import UpsampleBlock
+from triplane3d.models.triplane import CrossAttentionBlock, PointMLP, TriplaneDecoder, point_mlp
 
 VOCAB = {'embed', 'mlp', 'heads', 'kv', 'channels', 'conv_in', 'spatial', 'tokens', None}
 

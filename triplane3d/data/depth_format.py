@@ -65,17 +65,23 @@ def features() -> tfds.features.FeaturesDict:
   )
 
 
+def as_hw(depth, what: str) -> np.ndarray:
+  """A depth map (H, W) or (H, W, 1) as float64 (H, W); a ValueError naming `what` else."""
+  d = np.asarray(depth, np.float64)
+  if d.ndim == 3 and d.shape[-1] == 1:
+    d = d[..., 0]
+  if d.ndim != 2:
+    raise ValueError(f'{what} must be (H, W) or (H, W, 1), got shape {np.shape(depth)}.')
+  return d
+
+
 def encode(depth_hw: np.ndarray, key: str, image_hash: str = '') -> dict:
   """Encodes one depth map (h, w) float → a record for `features()`.
 
   `image_hash`: `content_hash` of the image's encoded bytes ('' = unknown, not checked).
   Non-finite values (a model's inf/NaN) are stored as the largest finite depth.
   """
-  d = np.asarray(depth_hw, np.float64)
-  if d.ndim == 3 and d.shape[-1] == 1:
-    d = d[..., 0]
-  if d.ndim != 2:
-    raise ValueError(f'depth must be (h, w), got shape {d.shape} for key {key!r}.')
+  d = as_hw(depth_hw, f'depth for key {key!r}')
   finite = np.isfinite(d)
   if not finite.any():
     raise ValueError(f'depth for key {key!r} has no finite values.')

@@ -29,7 +29,6 @@ format `precompute_depth` writes (`depth_format`), so the demo runs the producti
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -42,7 +41,7 @@ from absl import app, flags
 from PIL import Image
 
 from triplane3d.data import depth_format, records, scenes
-from triplane3d.render.camera import Camera
+from triplane3d.render.camera import Camera, ray_table
 
 NAME = 'synthetic_scenes'
 DEPTH_NAME = 'synthetic_scenes_depth'
@@ -172,12 +171,6 @@ def sample_scene(index: int, seed: int, *, texture_mode='class', variation=None)
   }
 
 
-@functools.lru_cache(maxsize=8)
-def _rays(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  o, d = camera.rays(resolution)  # The camera is fixed: one ray table per resolution.
-  return o.reshape(-1, 3), d.reshape(-1, 3)
-
-
 def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
   """Ray casts a scene from `camera`.
 
@@ -185,7 +178,7 @@ def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np
     (rgb_hw3 uint8, depth_hw float64): depth is the distance along each unit ray to the first
     surface, exactly `camera.far` on the background.
   """
-  o, d = _rays(camera, resolution)
+  o, d = ray_table(camera, resolution)  # The camera is fixed: one table per resolution.
   depth = np.full(len(o), np.inf)
   rgb = _background(scene['background'], d @ camera.rotation_matrix, scene['bg_tex'])
   for obj in scene['objects']:

@@ -33,6 +33,16 @@ IMAGENET_MEAN = np.asarray([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 
+def imagenet_normalize(pixels) -> np.ndarray:
+  """Pixels (..., 3) in [0, 255] (uint8 or float) → float32 backbone input: ImageNet mean/std."""
+  return (np.asarray(pixels, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def imagenet_denormalize(image) -> np.ndarray:
+  """The inverse of `imagenet_normalize`, to [0, 1] (for looking at backbone inputs)."""
+  return np.asarray(image, np.float32) * IMAGENET_STD + IMAGENET_MEAN
+
+
 _FLAT_RELATIVE_RANGE = 1e-4  # map_depth: relative depth ranges below this count as flat.
 
 
@@ -194,9 +204,8 @@ class DecodeAugment(grain.transforms.RandomMap):
     d = _resize(Image.fromarray(depth), self.resolution, depth_box)  # float32 → mode 'F'.
     if self.flip and rng.random() < 0.5:
       image, rgb, d = image[:, ::-1], rgb[:, ::-1], d[:, ::-1]
-    image = (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
     return {
-      'image': image,
+      'image': imagenet_normalize(image),
       'rgb': rgb.astype(np.float32) / 255.0,
       'depth': map_depth(d, self.near, self.far, **self.depth_args)[..., None],
       'label': np.int32(element['label']),

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from triplane3d.models.layers import conv, dense, layer_norm
-from triplane3d.models.triplane import UpsampleBlock
-
-Dtype = Any
+from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm
 
 
 class ConvDecoder(nn.Module):

@@ -1,4 +1,4 @@
-"""Layer constructors shared by the models: every parameter gets logical axis names.
+"""Layers shared by the models: every parameter gets logical axis names.
 
 Vocabulary (mapped to mesh axes by triplane3d/sharding.py): 'embed' transformer / decoder
 widths, 'mlp' MLP hidden, 'heads' and 'kv' attention heads and head_dim, 'channels' conv
@@ -7,9 +7,16 @@ output channels, 'conv_in' conv input channels, 'spatial' kernel spatial axes.
 
 from __future__ import annotations
 
-import flax.linen as nn
+from typing import Any
 
-_part = nn.with_logical_partitioning
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any  # A computation dtype (jnp.float32, jnp.bfloat16, ...).
+
+# `partitioned(init, axes)`: an initializer whose parameter carries logical axis names.
+partitioned = nn.with_logical_partitioning
 
 
 def dense(features, in_axis, out_axes, name, dtype, axis=-1):
@@ -20,8 +27,8 @@ def dense(features, in_axis, out_axes, name, dtype, axis=-1):
     features,
     axis=axis,
     dtype=dtype,
-    kernel_init=_part(nn.initializers.lecun_normal(), (*in_axes, *out_axes)),
-    bias_init=_part(nn.initializers.zeros, out_axes),
+    kernel_init=partitioned(nn.initializers.lecun_normal(), (*in_axes, *out_axes)),
+    bias_init=partitioned(nn.initializers.zeros, out_axes),
     name=name,
   )
 
@@ -31,8 +38,8 @@ def layer_norm(name, dtype):
   return nn.LayerNorm(
     epsilon=1e-6,
     dtype=dtype,
-    scale_init=_part(nn.initializers.ones, ('embed',)),
-    bias_init=_part(nn.initializers.zeros, ('embed',)),
+    scale_init=partitioned(nn.initializers.ones, ('embed',)),
+    bias_init=partitioned(nn.initializers.zeros, ('embed',)),
     name=name,
   )
 
@@ -44,9 +51,22 @@ def conv(features, kernel, name, dtype):
     (kernel, kernel),
     padding='SAME',
     dtype=dtype,
-    kernel_init=_part(
+    kernel_init=partitioned(
       nn.initializers.lecun_normal(), ('spatial', 'spatial', 'conv_in', 'channels')
     ),
-    bias_init=_part(nn.initializers.zeros, ('channels',)),
+    bias_init=partitioned(nn.initializers.zeros, ('channels',)),
     name=name,
   )
+
+
+class UpsampleBlock(nn.Module):
+  """Bilinear ×2 → 3×3 conv → GELU. (N, H, W, Cin) → (N, 2H, 2W, features)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'bilinear')
+    return nn.gelu(conv(self.features, 3, 'conv', self.dtype)(x), approximate=False)

@@ -129,18 +129,10 @@ class Prior3D:
     opts = dataclasses.replace(self.options, rays_per_image=0) if full else self.options
     if self.mlp is None:
       rgb, depth = self.decoder.apply({'params': params['decoder']}, h)
-      b, r = rgb.shape[0], opts.resolution
-      if opts.rays_per_image:
-        keys = jax.random.split(key, b)
-        idx = jax.vmap(lambda k: jax.random.choice(k, r * r, (opts.rays_per_image,), False))(keys)
-      else:
-        idx = jnp.broadcast_to(jnp.arange(r * r), (b, r * r))
+      keys = jax.random.split(key, rgb.shape[0])
+      idx = jax.vmap(lambda k: render.draw_rays(k, opts))(keys)
       take = jax.vmap(render.gather_pixels)
-      return {
-        'rgb': take(rgb, idx),
-        'depth': take(depth, idx),
-        'ray_indices': idx.astype(jnp.int32),
-      }
+      return {'rgb': take(rgb, idx), 'depth': take(depth, idx), 'ray_indices': idx}
     planes = self.decoder.apply({'params': params['decoder']}, h)
     planes = self._constrain(planes)
     out = render.render_batch(planes, params['mlp'], key, decode_fn=point_mlp, options=opts)

@@ -26,11 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from triplane3d.models.attention_prior import camera_attention_bias
-from triplane3d.models.layers import conv, dense, layer_norm
+from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm, partitioned
 from triplane3d.render.camera import Camera
-
-Dtype = Any
-_part = nn.with_logical_partitioning
 
 
 def point_mlp(params: Any, feats_nc: jnp.ndarray, dtype: Dtype = jnp.float32):
@@ -63,9 +60,9 @@ class _LinearParams(nn.Module):
   @nn.compact
   def __call__(self, in_features: int):
     kernel = self.param(
-      'kernel', _part(nn.initializers.lecun_normal(), self.axes), (in_features, self.features)
+      'kernel', partitioned(nn.initializers.lecun_normal(), self.axes), (in_features, self.features)
     )
-    bias = self.param('bias', _part(nn.initializers.zeros, self.axes[1:]), (self.features,))
+    bias = self.param('bias', partitioned(nn.initializers.zeros, self.axes[1:]), (self.features,))
     return {'kernel': kernel, 'bias': bias}
 
 
@@ -119,19 +116,6 @@ class CrossAttentionBlock(nn.Module):
     y = dense(self.mlp_ratio * d, 'embed', ('mlp',), 'fc1', self.dtype)(y)
     y = nn.gelu(y, approximate=False)
     return x + dense(d, 'mlp', ('embed',), 'fc2', self.dtype)(y)
-
-
-class UpsampleBlock(nn.Module):
-  """Bilinear ×2 → 3×3 conv → GELU. (N, H, W, Cin) → (N, 2H, 2W, features)."""
-
-  features: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    n, h, w, c = x.shape
-    x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'bilinear')
-    return nn.gelu(conv(self.features, 3, 'conv', self.dtype)(x), approximate=False)
 
 
 class TriplaneDecoder(nn.Module):
@@ -193,7 +177,7 @@ class TriplaneDecoder(nn.Module):
     l = self.low_res
     embeddings = self.param(
       'embeddings',
-      _part(nn.initializers.normal(0.02), ('tokens', 'embed')),
+      partitioned(nn.initializers.normal(0.02), ('tokens', 'embed')),
       (3 * l * l, self.width),
     )
     x = jnp.broadcast_to(embeddings.astype(self.dtype), (b, *embeddings.shape))

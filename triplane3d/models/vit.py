@@ -26,8 +26,7 @@ import jax.numpy as jnp
 
 from triplane3d.models import layers
 from triplane3d.models import pos_embed as pos_lib
-
-Dtype = Any
+from triplane3d.models.layers import Dtype, partitioned
 
 # name: (width, depth, heads, ffn, registers). Register variants add 4 tokens and switch the
 # positional resize to DINOv2's register behaviour (offset 0, antialiased).
@@ -46,8 +45,8 @@ def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, na
     features,
     dtype=dtype,
     param_dtype=jnp.float32,
-    kernel_init=nn.with_logical_partitioning(nn.initializers.truncated_normal(0.02), names),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (names[1],)),
+    kernel_init=partitioned(nn.initializers.truncated_normal(0.02), names),
+    bias_init=partitioned(nn.initializers.zeros, (names[1],)),
     name=name,
   )
 
@@ -61,7 +60,7 @@ class LayerScale(nn.Module):
   def __call__(self, x):
     gamma = self.param(
       'gamma',
-      nn.with_logical_partitioning(nn.initializers.constant(self.init_value), ('embed',)),
+      partitioned(nn.initializers.constant(self.init_value), ('embed',)),
       (x.shape[-1],),
       jnp.float32,
     )
@@ -183,10 +182,10 @@ class DinoViT(nn.Module):
       padding='VALID',
       dtype=self.dtype,
       param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(init, ('spatial', 'spatial', 'conv_in', 'embed')),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+      kernel_init=partitioned(init, ('spatial', 'spatial', 'conv_in', 'embed')),
+      bias_init=partitioned(nn.initializers.zeros, ('embed',)),
     )
-    tok = nn.with_logical_partitioning
+    tok = partitioned
     self.cls_token = self.param('cls_token', tok(init, (None, None, 'embed')), (1, 1, d))
     n_pos = 1 + self.pos_grid**2
     self.pos_embed = self.param('pos_embed', tok(init, (None, 'tokens', 'embed')), (1, n_pos, d))

@@ -3,15 +3,15 @@
 Everything here is a pure function of arrays (numpy or jax.numpy); no Flax.
 """
 
-from triplane3d.render.camera import Camera
+from triplane3d.render.camera import Camera, ray_table
 from triplane3d.render.marching import activate_density, raymarch
 from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import plane_coords, sample_planes, sample_planes_mean
 from triplane3d.render.renderer import (
   RenderOptions,
   RenderOutput,
+  draw_rays,
   gather_pixels,
-  ray_table,
   render_batch,
   render_image,
   render_rays,
@@ -24,6 +24,7 @@ __all__ = [
   'RenderOptions',
   'RenderOutput',
   'activate_density',
+  'draw_rays',
   'gather_pixels',
   'importance_bins',
   'plane_coords',

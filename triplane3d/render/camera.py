@@ -26,6 +26,7 @@ error of 0.09 (0.03 with the box of side 2).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -102,12 +103,7 @@ class Camera:
     The sampled frustum is their convex hull (every pixel's ray lies between the corner rays),
     so it is inside a convex box exactly when these 8 points are.
     """
-    uv = np.asarray([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
-    dirs = np.stack(
-      [(uv[:, 0] - self.cx) / self.fx, (uv[:, 1] - self.cy) / self.fy, np.ones(4)], axis=-1
-    )
-    dirs = dirs @ self.rotation_matrix.T
-    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    dirs = self.directions(np.asarray([0.0, 1.0, 0.0, 1.0]), np.asarray([0.0, 0.0, 1.0, 1.0]))
     ts = np.asarray(self.sample_range)
     return (np.asarray(self.position) + ts[:, None, None] * dirs[None]).reshape(-1, 3)
 
@@ -176,13 +172,15 @@ class Camera:
     v = (np.arange(height, dtype=np.float64) + 0.5) / height
     u = (np.arange(width, dtype=np.float64) + 0.5) / width
     uu, vv = np.meshgrid(u, v, indexing='xy')  # (H, W): u varies along columns.
-    dirs_cam = np.stack(
-      [(uu - self.cx) / self.fx, (vv - self.cy) / self.fy, np.ones_like(uu)], axis=-1
-    )
-    dirs = dirs_cam @ self.rotation_matrix.T
-    dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+    dirs = self.directions(uu, vv)
     origins = np.broadcast_to(np.asarray(self.position, np.float64), dirs.shape).copy()
     return origins, dirs
+
+  def directions(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Unit world directions (..., 3) of the rays through normalised image points (u, v)."""
+    dirs_cam = np.stack([(u - self.cx) / self.fx, (v - self.cy) / self.fy, np.ones_like(u)], -1)
+    dirs = dirs_cam @ self.rotation_matrix.T
+    return dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
 
   def project(self, points_n3: np.ndarray) -> np.ndarray:
     """Projects world points to normalised image coordinates (u, v) in [0, 1]², shape (N, 2)."""
@@ -191,3 +189,13 @@ class Camera:
       [self.fx * cam[:, 0] / cam[:, 2] + self.cx, self.fy * cam[:, 1] / cam[:, 2] + self.cy],
       axis=-1,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def ray_table(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+  """The constant (origins (R², 3), dirs (R², 3)) float64 table, row-major pixel order.
+
+  The camera is fixed, so every image of a resolution shares one table (cached here).
+  """
+  origins, dirs = camera.rays(resolution)
+  return origins.reshape(-1, 3), dirs.reshape(-1, 3)

@@ -26,9 +26,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from triplane3d.render.camera import Camera
+from triplane3d.render.camera import Camera, ray_table
 from triplane3d.render.marching import activate_density, raymarch
 from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import sample_planes_mean
@@ -127,11 +126,13 @@ class RenderOutput(NamedTuple):
   ray_indices: jnp.ndarray
 
 
-@functools.lru_cache(maxsize=8)
-def ray_table(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-  """The constant (origins (R², 3), dirs (R², 3)) float64 table, row-major pixel order."""
-  origins, dirs = camera.rays(resolution)
-  return origins.reshape(-1, 3), dirs.reshape(-1, 3)
+def draw_rays(key: jax.Array, options: RenderOptions) -> jax.Array:
+  """The (n,) int32 row-major pixel indices one image renders: `options.rays_per_image`
+  distinct pixels drawn with `key`, or every pixel when that is 0."""
+  num_pixels = options.resolution**2
+  if options.rays_per_image:
+    return jax.random.choice(key, num_pixels, (options.rays_per_image,), False).astype(jnp.int32)
+  return jnp.arange(num_pixels, dtype=jnp.int32)
 
 
 def gather_pixels(image_hwc: jnp.ndarray, ray_indices: jnp.ndarray) -> jnp.ndarray:
@@ -224,13 +225,8 @@ def render_image(
     A `RenderOutput` with n = number of rendered rays (see its docstring).
   """
   planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
-  num_pixels = options.resolution**2
   k_rays, k_draws = jax.random.split(key)
-  if ray_indices is None:
-    if options.rays_per_image:
-      ray_indices = jax.random.choice(k_rays, num_pixels, (options.rays_per_image,), False)
-    else:
-      ray_indices = jnp.arange(num_pixels)
+  ray_indices = draw_rays(k_rays, options) if ray_indices is None else ray_indices
   ray_indices = ray_indices.astype(jnp.int32)
   n = ray_indices.shape[0]
   origins, dirs = ray_table(options.camera, options.resolution) if rays is None else rays
