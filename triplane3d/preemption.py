@@ -52,7 +52,7 @@ class PreemptionGuard:
 
   def __enter__(self) -> PreemptionGuard:
     if threading.current_thread() is not threading.main_thread():
-      # Python only delivers signals to the main thread; request_stop() still works.
+      # Python only delivers signals to the main thread.
       logging.warning('PreemptionGuard outside the main thread: no signal handler installed.')
       return self
     for sig in self.signals:
@@ -77,10 +77,6 @@ class PreemptionGuard:
     prev = self._previous.get(signum)
     if callable(prev):
       prev(signum, frame)
-
-  def request_stop(self) -> None:
-    """Sets the local flag as a signal would (for tests, or other stop conditions)."""
-    self._flag = True
 
   @property
   def signalled(self) -> bool:

@@ -45,8 +45,8 @@ from triplane3d.data import images
 from triplane3d.data.transforms import imagenet_normalize
 from triplane3d.models.prior3d import Prior3D
 from triplane3d.models.triplane import point_mlp
-from triplane3d.render.camera import Camera
-from triplane3d.render.renderer import RenderOptions, render_image
+from triplane3d.render import Camera, RenderOptions, render_image
+from triplane3d.render.camera import ray_table
 
 # The renderer's key for every view: the trainer's image grids use the same one.
 RENDER_SEED = 0
@@ -194,11 +194,9 @@ class Reconstructor:
     # The orbit's rays are the same for every image.
     self._rays = []
     for yaw in self.angles:
-      origins, dirs = orbit_camera(self.camera, yaw).rays(self.resolution)
+      origins, dirs = ray_table(orbit_camera(self.camera, yaw), self.resolution)
       # float32 as `render_image` casts its table (to the planes' dtype).
-      self._rays.append(
-        (origins.reshape(-1, 3).astype(np.float32), dirs.reshape(-1, 3).astype(np.float32))
-      )
+      self._rays.append((origins.astype(np.float32), dirs.astype(np.float32)))
 
   def _forward_fn(self, params, images_bss3):
     model = self.model

@@ -118,10 +118,6 @@ class Writer:
     self._tb.add_image('reconstructions', grid_hw3, step, dataformats='HWC')
     return str(path)
 
-  def flush(self) -> None:
-    if self.active:
-      self._tb.flush()
-
   def close(self) -> None:
     if self.active:
       self._tb.close()

@@ -151,20 +151,22 @@ def test_depth_kind_comes_from_the_dataset_unless_set(data_dir, tmp_path, caplog
     pipeline.augmentation(c)
 
 
-def test_corrupt_record_is_skipped_and_counted(tmp_path):
+def test_corrupt_record_is_skipped_and_counted(tmp_path, monkeypatch):
   dft.write(tmp_path, n=16, corrupt=(7,))
   c = dft.config(tmp_path, batch_size=4)
   # Prefetch threads may read the next epoch's copy of the bad record too (2 of ~19): this part
   # checks skipping and counting, not the budget, so give it room.
   c.data.max_bad_fraction = 0.5
-  transforms.reset_corrupt_counts()
+  made = []  # The pipeline's transform (in-process: num_workers=0), which holds the counts.
+  augmentation = pipeline.augmentation
+  monkeypatch.setattr(pipeline, 'augmentation', lambda *a, **k: made.append(augmentation(*a, **k)) or made[-1])  # fmt: skip
   # 4 batches: the epoch's 15 good records, then one of the next epoch. Order is kept, so the
   # corrupt record has certainly been read (and counted) before the 16th element exists.
   seen = np.concatenate([_indices(b) for b in _take(_create(c), 4)])
   assert sorted(seen[:15]) == [i for i in range(16) if i != 7]
-  assert transforms.corrupt_counts()['skipped'] >= 1
-  c.data.max_bad_fraction = 0.0
-  transforms.reset_corrupt_counts()
+  assert c.data.num_workers == 0 and len(made) == 1
+  assert made[0].skipped >= 1 and made[0].seen >= 16
+  c.data.max_bad_fraction = 0.0  # A fresh pipeline counts from zero.
   with pytest.raises(transforms.TooManyCorruptImagesError, match='img_007'):
     _take(_create(c), 4)
 

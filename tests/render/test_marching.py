@@ -6,7 +6,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from triplane3d.render import raymarch
+from triplane3d.render.marching import raymarch
 
 
 def ref_raymarch(colors, densities, depths, white_background=False):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from triplane3d.render import sample_pdf
+from triplane3d.render.pdf import sample_pdf
 
 
 def ref_sample_pdf(bins, weights, u):

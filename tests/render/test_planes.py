@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from triplane3d.render import plane_coords, sample_planes, sample_planes_mean
+from triplane3d.render.planes import plane_coords, sample_planes, sample_planes_mean
 
 CENTER = (0.1, -0.2, 2.0)
 SIZE = 1.3

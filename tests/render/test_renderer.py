@@ -17,12 +17,12 @@ from triplane3d.render import (
   Camera,
   RenderOptions,
   gather_pixels,
-  ray_table,
   render_batch,
   render_image,
-  render_rays,
   to_image,
 )
+from triplane3d.render.camera import ray_table
+from triplane3d.render.renderer import render_rays
 
 AXES = {'xyz': ((0, 1), (0, 2), (1, 2)), 'eg3d': ((0, 1), (0, 2), (2, 0))}
 
@@ -251,7 +251,7 @@ def test_options_from_config_and_ray_table():
   cfg = common.get_base_config()
   camera = Camera.from_config(cfg.camera)
   opts = RenderOptions.from_config(cfg.render, camera)
-  assert (opts.resolution, opts.num_coarse, opts.num_fine, opts.num_rays) == (256, 16, 16, 65536)
+  assert (opts.resolution, opts.num_coarse, opts.num_fine, opts.rays_per_image) == (256, 16, 16, 0)
   assert opts.camera == camera and hash(opts) == hash(RenderOptions.from_config(cfg.render, camera))
   origins, dirs = ray_table(camera, 4)
   want_o, want_d = camera.rays(4)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from triplane3d.render import importance_bins, sample_pdf, smooth_weights, stratified_depths
+from triplane3d.render.pdf import sample_pdf
+from triplane3d.render.sampling import importance_bins, smooth_weights, stratified_depths
 
 
 def test_stratified_depths():

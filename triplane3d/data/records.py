@@ -117,10 +117,6 @@ def _split_shards(data_dir: str, name: str) -> dict[str, int]:
   return {split: n for split, (n, _) in found.items()}
 
 
-def all_shards_done(data_dir: str, name: str, split: str, num_shards: int) -> bool:
-  return all(shard_done(data_dir, name, split, i, num_shards) for i in range(num_shards))
-
-
 def finalize(
   data_dir: str, name: str, features: tfds.features.FeaturesDict, description: str = ''
 ) -> None:

@@ -50,19 +50,6 @@ class TooManyCorruptImagesError(RuntimeError):
   pass
 
 
-# Per process (each grain worker counts its own share): records seen / skipped.
-_COUNTS = {'seen': 0, 'skipped': 0}
-
-
-def corrupt_counts() -> dict:
-  """{'seen', 'skipped'} record counts of this process (in the workers with num_workers > 0)."""
-  return dict(_COUNTS)
-
-
-def reset_corrupt_counts() -> None:
-  _COUNTS.update(seen=0, skipped=0)
-
-
 def random_resized_crop_box(
   rng: np.random.Generator,
   height: int,
@@ -145,6 +132,10 @@ class DecodeAugment(grain.transforms.RandomMap):
     near, far: the camera's depth range (from `Camera`).
     depth_rule, lo_percentile, hi_percentile, is_disparity: `map_depth` arguments.
     max_bad_fraction: stop when more than this fraction of records fails to decode.
+
+  `seen` and `skipped` count the records this transform has read and skipped as corrupt. They
+  belong to the pipeline that holds it: each grain worker process (num_workers > 0) counts its
+  own share on its own copy, and two pipelines in one process never mix their counts.
   """
 
   def __init__(
@@ -173,21 +164,22 @@ class DecodeAugment(grain.transforms.RandomMap):
       is_disparity=is_disparity,
     )
     self.max_bad_fraction = float(max_bad_fraction)
+    self.seen = self.skipped = 0
     map_depth(np.zeros(1), self.near, self.far, **self.depth_args)  # Validate the rule now.
 
   def _skip(self, key: str, err: Exception) -> None:
-    _COUNTS['skipped'] += 1
+    self.skipped += 1
     logging.warning('skipping corrupt record %r (%s: %s)', key, type(err).__name__, err)
     # At least 1 / fraction records before judging, so one early failure is not fatal.
-    budget = self.max_bad_fraction * max(_COUNTS['seen'], 1.0 / max(self.max_bad_fraction, 1e-9))
-    if _COUNTS['skipped'] > budget:
+    budget = self.max_bad_fraction * max(self.seen, 1.0 / max(self.max_bad_fraction, 1e-9))
+    if self.skipped > budget:
       raise TooManyCorruptImagesError(
-        f'{_COUNTS["skipped"]} of {_COUNTS["seen"]} records failed to decode in this process '
+        f'{self.skipped} of {self.seen} records failed to decode in this process '
         f'(max_bad_fraction={self.max_bad_fraction}); last: {key!r}: {err}'
       ) from err
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict | None:
-    _COUNTS['seen'] += 1
+    self.seen += 1
     try:
       img = images.open_rgb(element['image'])  # Full decode: truncated files fail here.
       depth = depth_format.decode(element['depth'], element['depth_range'])

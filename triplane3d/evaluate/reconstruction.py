@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from triplane3d import render
 from triplane3d.data import pipeline, synthetic
 from triplane3d.render.camera import Camera
 
@@ -69,7 +70,7 @@ def render_full(model, params, images_bhw3):
   h = model.representation(params['backbone'], images_bhw3)
   out = model.reconstruct(params, h, jax.random.key(0), full=True)
   r = model.options.resolution
-  return out['rgb'].reshape(-1, r, r, 3), out['depth'].reshape(-1, r, r, 1)
+  return render.to_image(out['rgb'], r), render.to_image(out['depth'], r)
 
 
 def scene_example(config, index: int, seed: int | None = None) -> dict:

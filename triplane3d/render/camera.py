@@ -182,14 +182,6 @@ class Camera:
     dirs = dirs_cam @ self.rotation_matrix.T
     return dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
 
-  def project(self, points_n3: np.ndarray) -> np.ndarray:
-    """Projects world points to normalised image coordinates (u, v) in [0, 1]², shape (N, 2)."""
-    cam = (np.asarray(points_n3, np.float64) - np.asarray(self.position)) @ self.rotation_matrix
-    return np.stack(
-      [self.fx * cam[:, 0] / cam[:, 2] + self.cx, self.fy * cam[:, 1] / cam[:, 2] + self.cy],
-      axis=-1,
-    )
-
 
 @functools.lru_cache(maxsize=8)
 def ray_table(camera: Camera, resolution: int) -> tuple[np.ndarray, np.ndarray]:

@@ -96,11 +96,6 @@ class RenderOptions:
     )
 
   @property
-  def num_rays(self) -> int:
-    """Rays rendered per image: rays_per_image, or every pixel."""
-    return self.rays_per_image or self.resolution**2
-
-  @property
   def num_samples(self) -> int:
     """Decoder queries per ray (coarse + fine)."""
     return self.num_coarse + self.num_fine
