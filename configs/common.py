@@ -4,7 +4,7 @@ Experiment files (`vitb.py`, `demo.py`, ...) call `get_base_config()` and change
 `python -m triplane3d.main --config=configs/X.py --config.a.b=v` overrides a field; an
 unknown field is an error (ConfigDicts here are locked).
 
-Defaults are the paper's ViT-B/14 settings (SPEC.md §1) unless a comment says otherwise.
+Defaults are the paper's ViT-B/14 settings (docs/method.md) unless a comment says otherwise.
 """
 
 import ml_collections as mlc
@@ -45,7 +45,7 @@ def get_base_config() -> mlc.ConfigDict:
   # Heads carrying the prior (the first ones); None: all. The rest start global.
   c.decoder.attention_prior_heads = mlc.config_dict.placeholder(int)
 
-  # Volume rendering (SPEC.md §3).
+  # Volume rendering (docs/method.md, "The renderer").
   c.render = mlc.ConfigDict()
   c.render.resolution = 256
   c.render.num_coarse = 16

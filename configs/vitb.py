@@ -1,4 +1,4 @@
-"""3D-Prior on ViT-B/14, the paper's main setting (SPEC.md §1).
+"""3D-Prior on ViT-B/14, the paper's main setting (docs/method.md).
 
   python -m triplane3d.main --config=configs/vitb.py --workdir=gs://BUCKET/vitb \
     --config.model.init_from=facebook/dinov2-base --config.data.data_dir=gs://BUCKET/tfds

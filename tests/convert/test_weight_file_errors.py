@@ -1,4 +1,4 @@
-"""`load_dinov2` refuses bad checkpoints with messages that name the problem, and the export
+"""`load_dinov2` refuses bad weight files with messages that name the problem, and the export
 round trip is lossless."""
 
 import dinov2_reference as ref
@@ -25,26 +25,26 @@ def _save(state, path):
 def test_missing_key(official, tmp_path):
   state = dict(official)
   del state['blocks.3.norm1.weight']
-  with pytest.raises(convert.CheckpointError, match=r'missing keys \[.blocks_3/norm1/scale.\]'):
+  with pytest.raises(convert.WeightFileError, match=r'missing keys \[.blocks_3/norm1/scale.\]'):
     convert.load_dinov2(_save(state, tmp_path / 'm.safetensors'), 'vits14', **OVERRIDES)
 
 
 def test_unexpected_key(official, tmp_path):
   state = dict(official, **{'head.weight': np.zeros((10, ref.WIDTH), np.float32)})
-  with pytest.raises(convert.CheckpointError, match=r'unexpected keys \[.head.weight.\]'):
+  with pytest.raises(convert.WeightFileError, match=r'unexpected keys \[.head.weight.\]'):
     convert.load_dinov2(_save(state, tmp_path / 'u.safetensors'), 'vits14', **OVERRIDES)
 
 
 def test_wrong_variant_names_key_and_shapes(official, tmp_path):
   path = _save(official, tmp_path / 'w.safetensors')
-  with pytest.raises(convert.CheckpointError) as e:
+  with pytest.raises(convert.WeightFileError) as e:
     convert.load_dinov2(path, 'vitb14')
   msg = str(e.value)
   assert 'cls_token: expected shape (1, 1, 768) for vitb14, found (1, 1, 48)' in msg
 
 
 def test_unknown_architecture_needs_variant(official, tmp_path):
-  with pytest.raises(convert.CheckpointError, match='pass variant= explicitly'):
+  with pytest.raises(convert.WeightFileError, match='pass variant= explicitly'):
     convert.load_dinov2(_save(official, tmp_path / 'x.safetensors'))
 
 
@@ -71,15 +71,15 @@ def test_variant_is_inferred_for_a_real_architecture(tmp_path):
 def test_unreadable_files(tmp_path):
   bad = tmp_path / 'bad.safetensors'
   bad.write_bytes(b'not a safetensors file at all')
-  with pytest.raises(convert.CheckpointError, match=r'could not read .*bad\.safetensors'):
+  with pytest.raises(convert.WeightFileError, match=r'could not read .*bad\.safetensors'):
     convert.load_dinov2(str(bad))
   badpth = tmp_path / 'bad.pth'
   badpth.write_bytes(b'\x00garbage')
-  with pytest.raises(convert.CheckpointError, match='weights_only=True'):
+  with pytest.raises(convert.WeightFileError, match='weights_only=True'):
     convert.load_dinov2(str(badpth))
-  with pytest.raises(convert.CheckpointError, match='no checkpoint at'):
+  with pytest.raises(convert.WeightFileError, match='no checkpoint at'):
     convert.load_dinov2(str(tmp_path / 'nothing.pth'))
-  with pytest.raises(convert.CheckpointError, match='unknown checkpoint format'):
+  with pytest.raises(convert.WeightFileError, match='unknown checkpoint format'):
     (tmp_path / 'w.npz').write_bytes(b'')
     convert.load_dinov2(str(tmp_path / 'w.npz'))
 
@@ -94,7 +94,7 @@ class _Evil:
 def test_pickled_code_is_never_executed(tmp_path):
   path = tmp_path / 'evil.pth'
   torch.save({'cls_token': _Evil()}, path)
-  with pytest.raises(convert.CheckpointError, match=r'weights_only'):
+  with pytest.raises(convert.WeightFileError, match=r'weights_only'):
     convert.load_dinov2(str(path))
   import os
 
@@ -103,7 +103,7 @@ def test_pickled_code_is_never_executed(tmp_path):
 
 def test_hub_name_offline_error(monkeypatch):
   monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-  with pytest.raises(convert.CheckpointError, match=r'could not download .facebook/dinov2-small.'):
+  with pytest.raises(convert.WeightFileError, match=r'could not download .facebook/dinov2-small.'):
     convert.load_dinov2('facebook/dinov2-small')
 
 

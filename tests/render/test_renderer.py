@@ -1,5 +1,5 @@
-"""The full renderer against a float64 numpy pipeline written from SPEC.md §3, chunking,
-ray subsets, batching and gradients."""
+"""The full renderer against a float64 numpy pipeline written from docs/method.md ("The
+renderer"), chunking, ray subsets, batching and gradients."""
 
 import dataclasses
 import functools

@@ -4,7 +4,7 @@ The export names load on first use, so that `python -m triplane3d.convert.export
 find its own module already imported by this package (runpy warns about that).
 """
 
-from triplane3d.convert.load import CheckpointError, infer_variant, load_dinov2
+from triplane3d.convert.load import WeightFileError, infer_variant, load_dinov2
 
 _EXPORT = ('save_dinov2', 'to_dinov2_state_dict')
 
@@ -17,4 +17,4 @@ def __getattr__(name: str):
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['CheckpointError', 'infer_variant', 'load_dinov2', 'save_dinov2', 'to_dinov2_state_dict']
+__all__ = ['WeightFileError', 'infer_variant', 'load_dinov2', 'save_dinov2', 'to_dinov2_state_dict']

@@ -17,8 +17,8 @@ import re
 
 import numpy as np
 
-# Official leaf → (flax path suffix, transform). 'T' transposes a Linear weight (out, in) → (in,
-# out); 'conv' reorders (D, 3, p, p) → (p, p, 3, D).
+# Official leaf name → Flax leaf name, for Linears and the patch conv. The layouts change in the
+# code below: a Linear weight (out, in) → (in, out), the conv weight (D, 3, p, p) → (p, p, 3, D).
 _LEAF = {
   'weight': 'kernel',
   'bias': 'bias',

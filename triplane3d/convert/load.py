@@ -9,7 +9,7 @@
   when the network allows.
 
 The variant is inferred from tensor shapes unless given; every mismatch raises
-`CheckpointError` naming the key, what was expected and what was found.
+`WeightFileError` naming the key, what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ from triplane3d.convert import keys as keys_lib
 from triplane3d.models import vit
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded as the requested DINOv2 backbone."""
+class WeightFileError(ValueError):
+  """A DINOv2 weight file (or hub model) that cannot be loaded as the requested backbone.
+
+  About imported weights; a training run's own checkpoints raise
+  `checkpoint.CorruptCheckpointError` and friends.
+  """
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -36,21 +40,21 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   try:
     return load_file(path)
   except Exception as e:  # safetensors raises several types for truncated / foreign files.
-    raise CheckpointError(f'could not read {path} as safetensors: {e}') from e
+    raise WeightFileError(f'could not read {path} as safetensors: {e}') from e
 
 
 def _read_pth(path: str) -> dict[str, np.ndarray]:
   try:
     import torch
   except ImportError as e:
-    raise CheckpointError(
+    raise WeightFileError(
       f'{path} is a PyTorch checkpoint; reading it needs torch: pip install "triplane3d[torch]", '
       'or convert it to .safetensors.'
     ) from e
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:
-    raise CheckpointError(
+    raise WeightFileError(
       f'could not read {path} with torch.load(weights_only=True): {e}. Only plain tensor '
       'state dicts are accepted (pickled code is never executed).'
     ) from e
@@ -59,7 +63,7 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
       obj = obj[wrapper]
   if not isinstance(obj, dict):
-    raise CheckpointError(f'{path} does not hold a state dict (found {type(obj).__name__}).')
+    raise WeightFileError(f'{path} does not hold a state dict (found {type(obj).__name__}).')
   state = {}
   for k, v in obj.items():
     if hasattr(v, 'detach'):
@@ -70,7 +74,7 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 def _read_hf_dir(path: str) -> dict[str, np.ndarray]:
   files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
   if not files:
-    raise CheckpointError(
+    raise WeightFileError(
       f'{path} has no .safetensors weights; save the model with save_pretrained(..., '
       'safe_serialization=True).'
     )
@@ -84,11 +88,11 @@ def _download(name: str) -> str:
   try:
     from huggingface_hub import snapshot_download
   except ImportError as e:
-    raise CheckpointError(f'{name!r} is not a local path and huggingface_hub is missing.') from e
+    raise WeightFileError(f'{name!r} is not a local path and huggingface_hub is missing.') from e
   try:
     return snapshot_download(name, allow_patterns=['*.json', '*.safetensors'])
   except Exception as e:
-    raise CheckpointError(
+    raise WeightFileError(
       f'could not download {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
       'Without network access, download it elsewhere and pass the local directory or a '
       '.pth/.safetensors file instead.'
@@ -101,7 +105,7 @@ def read_official_state(path: str) -> dict[str, np.ndarray]:
     if re.fullmatch(r'[\w.-]+/[\w.-]+', path) and not path.startswith(('.', '/')):
       path = _download(path)
     else:
-      raise CheckpointError(f'no checkpoint at {path!r} (not a file, directory or hub name).')
+      raise WeightFileError(f'no checkpoint at {path!r} (not a file, directory or hub name).')
   if os.path.isdir(path):
     state = _read_hf_dir(path)
   elif path.endswith('.safetensors'):
@@ -109,18 +113,18 @@ def read_official_state(path: str) -> dict[str, np.ndarray]:
   elif path.endswith(('.pth', '.pt', '.bin')):
     state = _read_pth(path)
   else:
-    raise CheckpointError(f'unknown checkpoint format {path!r}: use .pth, .safetensors or a dir.')
+    raise WeightFileError(f'unknown checkpoint format {path!r}: use .pth, .safetensors or a dir.')
   if any(k.startswith(('embeddings.', 'encoder.', 'dinov2.', 'layernorm.')) for k in state):
     state, unexpected = keys_lib.hf_to_official(state)
     if unexpected:
-      raise CheckpointError(f'{path}: unexpected Hugging Face keys {unexpected[:8]}.')
+      raise WeightFileError(f'{path}: unexpected Hugging Face keys {unexpected[:8]}.')
   return state
 
 
 def infer_variant(state: dict[str, np.ndarray]) -> str:
   """The `vit.VARIANTS` name whose architecture matches an official state dict's shapes."""
   if 'cls_token' not in state:
-    raise CheckpointError('checkpoint has no cls_token: not a DINOv2 backbone state dict.')
+    raise WeightFileError('checkpoint has no cls_token: not a DINOv2 backbone state dict.')
   width = int(state['cls_token'].shape[-1])
   depth = len({m.group(1) for k in state if (m := keys_lib._BLOCK_RE.match(k))})
   regs = 'register_tokens' in state
@@ -128,7 +132,7 @@ def infer_variant(state: dict[str, np.ndarray]) -> str:
     s = vit.variant_spec(name)
     if (s.width, s.depth, s.num_registers > 0) == (width, depth, regs):
       return name
-  raise CheckpointError(
+  raise WeightFileError(
     f'no known DINOv2 variant has width {width}, {depth} blocks and registers={regs}; '
     f'pass variant= explicitly (known: {list(vit.VARIANTS)}).'
   )
@@ -161,7 +165,7 @@ def load_dinov2(path: str, variant: str | None = None, **model_overrides) -> dic
       a checkpoint built at 224 px).
 
   Raises:
-    CheckpointError: unreadable file, missing / unexpected keys, or a shape that does not
+    WeightFileError: unreadable file, missing / unexpected keys, or a shape that does not
       match the variant (the message names the key, expected and found shapes).
   """
   state = read_official_state(path)
@@ -185,7 +189,7 @@ def load_dinov2(path: str, variant: str | None = None, **model_overrides) -> dic
     if got != want[k]:
       problems.append(f'{k}: expected shape {want[k]} for {variant}, found {got}')
   if problems:
-    raise CheckpointError(
+    raise WeightFileError(
       f'{path} does not match DINOv2 {variant}: ' + '; '.join(problems) + '. Check the variant '
       '(or let it be inferred) and that the file is a DINOv2 backbone.'
     )

@@ -2,7 +2,7 @@
 
 Every primitive lives in its own local frame (centre + rotation), so a world ray (o, d) with
 unit d becomes (Rᵀ(o − c), Rᵀd), still unit length: the ray parameter t is the same in both
-frames and is the renderer's depth (distance along the unit ray, SPEC.md §3). Intersections are
+frames and is the renderer's depth (distance along the unit ray, docs/method.md). Intersections are
 closed form (sphere, box, cylinder, cone: quadratics and slabs; torus: the quartic's real roots
 from a batched companion-matrix eigenvalue solve, then Newton-polished), so depth is exact up
 to float64 rounding. Shapes are named arrays: `o_n3`, `d_n3` are N rays; `t_n` their hit

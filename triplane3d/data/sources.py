@@ -170,7 +170,9 @@ class Subset:
 
   def __init__(self, source, size: int, seed: int):
     if not 0 < size <= len(source):
-      raise ValueError(f'subset size must be in [1, {len(source)}], got {size}.')
+      raise ValueError(
+        f'data.subset_size must be in [1, {len(source)}] (the dataset size), got {size}.'
+      )
     self.source = source
     rng = np.random.default_rng([seed, 0x5B5E7])
     self.indices = np.sort(rng.choice(len(source), size=size, replace=False))

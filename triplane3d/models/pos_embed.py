@@ -1,7 +1,7 @@
 """Positional-embedding resizing that reproduces DINOv2's PyTorch behaviour exactly.
 
 DINOv2 keeps a 37×37 grid of positional embeddings (released models are built at 518 px) and
-resizes it in every forward pass to the input's patch grid. Two behaviours exist (SPEC.md §2):
+resizes it in every forward pass to the input's patch grid. Two behaviours exist (docs/method.md):
 
 * Non-register models call `F.interpolate(mode='bicubic', scale_factor=((h + 0.1) / 37, ...))`:
   Keys cubic kernel with A = -0.75, output→input mapping `src = (dst + 0.5) / scale - 0.5`

@@ -1,4 +1,4 @@
-"""The triplane decoder Φ and the point MLP (SPEC.md §1 step 2, §3).
+"""The triplane decoder Φ and the point MLP (docs/method.md, "The decoders").
 
 `TriplaneDecoder`: learnable (3 · L²) plane embeddings of width D_dec cross-attend to the
 backbone representation h (B, 1 + N, 4·D); the resulting low-resolution planes are upsampled
@@ -103,7 +103,7 @@ class CrossAttentionBlock(nn.Module):
     (num_heads, Q, N) per head."""
     d = x.shape[-1]
     if d % self.num_heads:
-      raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}.')
+      raise ValueError(f'decoder.width={d} is not divisible by decoder.num_heads={self.num_heads}.')
     head = (self.num_heads, d // self.num_heads)
     q_in = layer_norm('norm_q', self.dtype)(x)
     kv_in = layer_norm('norm_kv', self.dtype)(h)

@@ -1,10 +1,11 @@
 """DINOv2 Vision Transformer in Flax linen, numerically faithful to the PyTorch original.
 
-Faithfulness points (SPEC.md §2): pre-norm blocks, LayerNorm eps 1e-6, exact (erf) GELU,
-LayerScale on both residual branches, fused qkv with output axis ordered (3, heads, head_dim),
-SwiGLU for ViT-g, registers inserted after the positional embedding is added, and the 37×37
-positional table kept as the parameter and resized in the forward pass exactly as DINOv2 does
-(see `pos_embed.py`), so a fine-tuned model exports back losslessly.
+Faithfulness points (docs/method.md, "DINOv2: what a port must match"): pre-norm blocks,
+LayerNorm eps 1e-6, exact (erf) GELU, LayerScale on both residual branches, fused qkv with
+output axis ordered (3, heads, head_dim), SwiGLU for ViT-g, registers inserted after the
+positional embedding is added, and the 37×37 positional table kept as the parameter and
+resized in the forward pass exactly as DINOv2 does (see `pos_embed.py`), so a fine-tuned model
+exports back losslessly.
 
 Parameter names mirror the official checkpoint keys (`cls_token`, `pos_embed`,
 `patch_embed/kernel`, `blocks_3/attn/qkv/kernel`, `blocks_3/ls1/gamma`, `norm/scale`, ...),
@@ -28,8 +29,8 @@ from triplane3d.models import layers
 from triplane3d.models import pos_embed as pos_lib
 from triplane3d.models.layers import Dtype, partitioned
 
-# name: (width, depth, heads, ffn, registers). Register variants add 4 tokens and switch the
-# positional resize to DINOv2's register behaviour (offset 0, antialiased).
+# name: (width, depth, heads, ffn). Each also exists as '<name>_reg', with 4 register tokens
+# and DINOv2's register behaviour of the positional resize (by size, antialiased).
 _SIZES = {
   'vit_tiny14': (64, 4, 4, 'mlp'),  # Not a DINOv2 release: tests and the laptop demo.
   'vits14': (384, 12, 6, 'mlp'),

@@ -5,10 +5,10 @@ origins and directions are a single constant table. This module is the one place
 defines that camera; everything that renders or maps depth reads it from here (through
 `Camera.from_config(config.camera)`).
 
-Conventions (SPEC.md §1, §3): OpenCV camera axes (x right, y down, z forward), a
-camera-to-world pose, normalised intrinsics (fx, fy, cx, cy in units of image size), pixel
-centres at (i + 0.5) / res, unit-length ray directions so that depths are distances along
-the ray.
+Conventions (docs/method.md, "The camera and the box", with a diagram): OpenCV camera axes
+(x right, y down, z forward), a camera-to-world pose, normalised intrinsics (fx, fy, cx, cy in
+units of image size), pixel centres at (i + 0.5) / res, unit-length ray directions so that
+depths are distances along the ray.
 
 Default: camera at the world origin looking down +z, fx = fy = 1.5, cx = cy = 0.5. Scene
 depths lie in [near, far] = [1.5, 2.5]; rays are sampled over [near − margin, far + margin]
@@ -66,18 +66,20 @@ class Camera:
   def __post_init__(self):
     if not 0.0 < self.near - self.margin < self.far:
       raise ValueError(
-        f'camera needs 0 < near - margin < far, got near={self.near}, far={self.far}, '
-        f'margin={self.margin}.'
+        f'camera needs 0 < camera.near - camera.margin < camera.far, got camera.near='
+        f'{self.near}, camera.far={self.far}, camera.margin={self.margin}.'
       )
     if self.margin < 0:
       raise ValueError(f'camera.margin must be >= 0, got {self.margin}.')
     if len(self.rotation) != 9 or len(self.position) != 3 or len(self.box_center) != 3:
-      raise ValueError('camera rotation must have 9 entries, position and box_center 3 each.')
+      raise ValueError(
+        'camera.rotation must have 9 entries, camera.position and camera.box_center 3 each.'
+      )
     if self.box_size <= 0:
-      raise ValueError(f'box_size must be positive, got {self.box_size}.')
+      raise ValueError(f'camera.box_size must be positive, got {self.box_size}.')
     r = self.rotation_matrix
     if not np.allclose(r @ r.T, np.eye(3), atol=1e-5):
-      raise ValueError('camera rotation is not orthonormal; pass a proper rotation matrix.')
+      raise ValueError('camera.rotation is not orthonormal; pass a proper rotation matrix.')
 
   @classmethod
   def from_config(cls, cfg) -> Camera:

@@ -1,10 +1,11 @@
 """mip-NeRF / EG3D ray marching: alpha compositing over the intervals between sorted samples.
 
-SPEC.md §3. Colours, raw densities and depths are averaged at the K - 1 interval midpoints;
-density = softplus(raw - 1); alpha = 1 - exp(-density * delta); weights = alpha * T where T
-is the transmittance accumulated before the interval. EG3D computes T as the exclusive
-product of (1 - alpha + 1e-10); we use exp(-exclusive cumsum of density * delta), the same
-quantity up to that 1e-10, without the float32 underflow of long products.
+See docs/method.md, "The renderer". Colours, raw densities and depths are averaged at the
+K − 1 interval midpoints; density = softplus(raw − 1); alpha = 1 − exp(−density · delta);
+weights = alpha · T where T is the transmittance accumulated before the interval. EG3D
+computes T as the exclusive product of (1 − alpha + 1e-10); we use exp(−exclusive cumsum of
+density · delta), the same quantity up to that 1e-10, without the float32 underflow of long
+products.
 """
 
 from __future__ import annotations

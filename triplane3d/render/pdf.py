@@ -1,4 +1,4 @@
-"""Inverse-cdf sampling of a piecewise-constant pdf, with EG3D's semantics (SPEC.md §3).
+"""Inverse-cdf sampling of a piecewise-constant pdf, with EG3D's semantics (docs/method.md).
 
 Two equal implementations of the cdf search, chosen by `search`:
   'searchsorted': `jnp.searchsorted(side='right')` + gathers (fast on CPU/GPU).
@@ -71,7 +71,7 @@ def sample_pdf(
   elif search == 'searchsorted':
     cdf_lo, cdf_hi, bins_lo, bins_hi = _search_sorted(bins, cdf, u)
   else:
-    raise ValueError(f"search must be 'mask' or 'searchsorted', got {search!r}.")
+    raise ValueError(f"render.pdf_search must be 'mask' or 'searchsorted', got {search!r}.")
   denom = cdf_hi - cdf_lo
   denom = jnp.where(denom < _EPS, 1.0, denom)
   return bins_lo + (u - cdf_lo) / denom * (bins_hi - bins_lo)

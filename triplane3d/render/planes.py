@@ -1,4 +1,4 @@
-"""Triplane lookup with the semantics of PyTorch `grid_sample` (SPEC.md §3).
+"""Triplane lookup with the semantics of PyTorch `grid_sample` (docs/method.md).
 
 World points are taken relative to the box centre and scaled by 2 / box_size, so the box
 maps to [-1, 1]^3. Each plane is sampled bilinearly with zeros padding and
@@ -43,7 +43,7 @@ def plane_coords(
     axis, [..., p, 1] its height axis.
   """
   if plane_axes not in PLANE_AXES:
-    raise ValueError(f'plane_axes must be one of {sorted(PLANE_AXES)}, got {plane_axes!r}.')
+    raise ValueError(f'render.plane_axes must be one of {sorted(PLANE_AXES)}, got {plane_axes!r}.')
   center = jnp.asarray(box_center, points.dtype)
   unit = (points - center) * (2.0 / box_size)
   return jnp.stack([unit[..., list(ax)] for ax in PLANE_AXES[plane_axes]], axis=-2)

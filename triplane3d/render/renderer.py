@@ -1,4 +1,4 @@
-"""The volume renderer for one image (EG3D semantics, SPEC.md §3), vmappable over a batch.
+"""The volume renderer for one image (EG3D semantics, docs/method.md), vmappable over a batch.
 
 Per ray: stratified coarse depths with jitter → triplane lookup (mean of the three planes) →
 point decoder → coarse march → importance sampling (no gradient through the positions) →
@@ -67,13 +67,19 @@ class RenderOptions:
 
   def __post_init__(self):
     if self.num_coarse < (4 if self.num_fine > 0 else 2):
-      raise ValueError(f'num_coarse={self.num_coarse} is too small for num_fine={self.num_fine}.')
+      raise ValueError(
+        f'render.num_coarse={self.num_coarse} is too small for render.num_fine='
+        f'{self.num_fine}: importance sampling needs at least 4 coarse samples (2 without it).'
+      )
     if not 0 <= self.rays_per_image <= self.resolution**2:
-      raise ValueError(f'rays_per_image must be in [0, resolution²], got {self.rays_per_image}.')
+      raise ValueError(
+        f'render.rays_per_image must be in [0, render.resolution² = {self.resolution**2}], '
+        f'got {self.rays_per_image}.'
+      )
     if self.plane_space not in ('box', 'frustum'):
       raise ValueError(f"render.plane_space must be 'box' or 'frustum', got {self.plane_space!r}.")
     if self.chunk < 0:
-      raise ValueError(f'chunk must be >= 0, got {self.chunk}.')
+      raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
 
   @classmethod
   def from_config(cls, render_cfg, camera: Camera) -> RenderOptions:

@@ -1,10 +1,10 @@
 """Sample depths along rays: stratified coarse samples and EG3D's importance-sampling inputs.
 
-SPEC.md §3. Coarse depths are linspace(near, far, K) plus an independent uniform jitter in
-[0, Δ) per sample, Δ = (far - near) / (K - 1) (as in EG3D, the last sample may pass `far`).
-Importance sampling smooths the coarse weights (max-pool width 2 with padding 1, then
-average-pool width 2), adds 0.01, and samples the coarse midpoints as bins with EG3D's
-weights[1:-1] (so the last coarse interval never receives fine samples).
+See docs/method.md, "The renderer". Coarse depths are linspace(near, far, K) plus an
+independent uniform jitter in [0, Δ) per sample, Δ = (far - near) / (K - 1) (as in EG3D, the
+last sample may pass `far`). Importance sampling smooths the coarse weights (max-pool width 2
+with padding 1, then average-pool width 2), adds 0.01, and samples the coarse midpoints as
+bins with EG3D's weights[1:-1] (so the last coarse interval never receives fine samples).
 """
 
 from __future__ import annotations
