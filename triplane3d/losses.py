@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from triplane3d import render
 
@@ -53,7 +54,13 @@ def psnr(mse_value: jax.Array, peak: float = 1.0) -> jax.Array:
   return 10.0 * jnp.log10(peak**2 / jnp.maximum(mse_value, 1e-10))
 
 
-def objective(recon: dict, batch: dict, h_student, h_teacher, loss_cfg) -> tuple[jax.Array, dict]:
+def objective(
+  recon: dict,
+  batch: dict,
+  h_student: jax.Array,
+  h_teacher: jax.Array | None,
+  loss_cfg: mlc.ConfigDict,
+) -> tuple[jax.Array, dict]:
   """Total loss and every term.
 
   Args:

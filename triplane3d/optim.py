@@ -11,10 +11,11 @@ from __future__ import annotations
 import re
 
 import jax
+import ml_collections as mlc
 import optax
 
 
-def schedule(optim_cfg, num_steps: int) -> optax.Schedule:
+def schedule(optim_cfg: mlc.ConfigDict, num_steps: int) -> optax.Schedule:
   """Learning rate per step: constant (paper) or cosine to 0, after an optional linear warm-up."""
   lr, warm = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
   if optim_cfg.schedule == 'constant':
@@ -51,7 +52,7 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
   return labels, mults
 
 
-def trainable_mask(optim_cfg):
+def trainable_mask(optim_cfg: mlc.ConfigDict):
   """A function zeroing the frozen (multiplier 0) leaves of a params-shaped tree."""
 
   def apply(tree):
@@ -62,7 +63,7 @@ def trainable_mask(optim_cfg):
 
 
 def create(
-  optim_cfg, params, num_steps: int
+  optim_cfg: mlc.ConfigDict, params, num_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimiser for `params` (a pytree or its abstract shapes) and its base lr schedule."""
   sched = schedule(optim_cfg, num_steps)

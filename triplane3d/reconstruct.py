@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -178,7 +179,9 @@ class Reconstructor:
   `render_view` for the orbit frames.
   """
 
-  def __init__(self, config, params: dict, *, num_frames: int = 20, max_angle: float = 30.0):
+  def __init__(
+    self, config: mlc.ConfigDict, params: dict, *, num_frames: int = 20, max_angle: float = 30.0
+  ):
     self.model = Prior3D.from_config(config)
     self.params = params
     self.camera = self.model.options.camera

@@ -37,6 +37,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections as mlc
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -63,7 +64,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_cfg: mlc.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp') mesh from `mesh_cfg.data` and `mesh_cfg.fsdp`.
 
   -1 in one field takes the remaining devices. Impossible configs are refused here, before

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 import optax
 from absl import logging
@@ -47,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or the gradient norm became NaN / Inf."""
 
 
-def num_train_steps(config, data: pipeline.Data) -> int:
+def num_train_steps(config: mlc.ConfigDict, data: pipeline.Data) -> int:
   """train.num_steps if set, else train.num_epochs over `data` at the global batch."""
   if config.train.num_steps < 0:
     raise ValueError(
@@ -98,7 +99,7 @@ class Setup:
     return self.param_shardings['backbone'] if self.use_teacher else {}
 
 
-def build(config, mesh: Mesh, num_steps: int) -> Setup:
+def build(config: mlc.ConfigDict, mesh: Mesh, num_steps: int) -> Setup:
   """Model, optimiser, schedule, abstract state and shardings (no arrays allocated)."""
   model = Prior3D.from_config(config, act_sharding=sharding.batch_sharding(mesh))
   rng = jax.random.key(config.seed)
@@ -125,7 +126,7 @@ def build(config, mesh: Mesh, num_steps: int) -> Setup:
   )
 
 
-def make_train_step(setup: Setup, config, key: jax.Array):
+def make_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
   """The un-jitted step: (state, teacher, batch) → (new state, metrics).
 
   `teacher` is the frozen backbone's params (an empty dict without distillation); it is an
@@ -161,7 +162,7 @@ def make_train_step(setup: Setup, config, key: jax.Array):
   return train_step
 
 
-def jit_train_step(setup: Setup, config, key: jax.Array):
+def jit_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
   """`make_train_step` under jit with explicit shardings; the state is donated.
 
   Inside, the model keeps activations split over the batch (`Prior3D.act_sharding`).
@@ -178,7 +179,7 @@ def jit_train_step(setup: Setup, config, key: jax.Array):
   )
 
 
-def _check_intervals(config) -> None:
+def _check_intervals(config: mlc.ConfigDict) -> None:
   for name in ('log_every_steps', 'image_every_steps', 'ckpt_every_steps'):
     if config.train[name] <= 0:
       raise ValueError(
@@ -218,7 +219,7 @@ def _check_init_from(init_from: str) -> None:
   )
 
 
-def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
+def run(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
   """Trains (or resumes) to `num_train_steps(config)`; returns a summary of the run.
 
   The resolved config is stored in the workdir (`run_config`). Resuming with a config that
@@ -267,7 +268,9 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
       writer.close()
 
 
-def _open_workdir(config, workdir: str, allow_config_change: bool):
+def _open_workdir(
+  config: mlc.ConfigDict, workdir: str, allow_config_change: bool
+) -> mlc.ConfigDict:
   """The resolved config of a run in `workdir`, after the checks that need no devices.
 
   Stores the config in the workdir, or refuses a resume that changes the run.
@@ -289,7 +292,7 @@ def _open_workdir(config, workdir: str, allow_config_change: bool):
   return config
 
 
-def _grid_examples(config, data: pipeline.Data, mesh: Mesh, block: int) -> dict:
+def _grid_examples(config: mlc.ConfigDict, data: pipeline.Data, mesh: Mesh, block: int) -> dict:
   """The examples drawn in image grids, replicated: the first batch of a fresh, in-process
   iterator, so grids show the same examples across resumes."""
   vis_config = config.copy_and_resolve_references()
@@ -301,7 +304,9 @@ def _grid_examples(config, data: pipeline.Data, mesh: Mesh, block: int) -> dict:
   )(first)
 
 
-def _init_or_restore(setup: Setup, config, ckpt: checkpoint.Checkpointer, data_iter, key):
+def _init_or_restore(
+  setup: Setup, config: mlc.ConfigDict, ckpt: checkpoint.Checkpointer, data_iter, key: jax.Array
+) -> tuple[dict, Any, int]:
   """(state, teacher, start step): the latest checkpoint, else a fresh (or DINOv2) init."""
   state_sh, teacher_sh = setup.state_shardings, setup.teacher_shardings
   abstract = sharding.abstract_with_shardings(setup.abstract_state, state_sh)
@@ -330,7 +335,7 @@ def _init_or_restore(setup: Setup, config, ckpt: checkpoint.Checkpointer, data_i
 class _Renders:
   """Full deterministic renders: image grids of the fixed examples, held-out metrics."""
 
-  def __init__(self, setup: Setup, config, vis: dict, writer: summaries.Writer):
+  def __init__(self, setup: Setup, config: mlc.ConfigDict, vis: dict, writer: summaries.Writer):
     replicated = sharding.replicated(setup.mesh)
     model = setup.model
     self._render = jax.jit(
@@ -444,7 +449,14 @@ class _Meter:
       self._t0 = time.perf_counter()
 
 
-def _loop(setup: Setup, config, step_fn, state, start: int, context: _Context) -> dict:
+def _loop(
+  setup: Setup,
+  config: mlc.ConfigDict,
+  step_fn: Callable,
+  state: dict,
+  start: int,
+  context: _Context,
+) -> dict:
   """Steps from `start` to `setup.num_steps`: log, draw, checkpoint, stop on preemption or NaN.
 
   `step_fn(state, batch) -> (state, metrics)`. With held-out scenes (`eval.num_heldout`),

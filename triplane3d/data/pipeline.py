@@ -32,6 +32,7 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections as mlc
 import numpy as np
 from absl import logging
 
@@ -76,7 +77,7 @@ class HostBlocks(grain.MapDataset):
     return self._parent[j * self._g + self._p * self._b + t]
 
 
-def _names(config) -> tuple[str, str, str, str]:
+def _names(config: mlc.ConfigDict) -> tuple[str, str, str, str]:
   """(data_dir, image dataset name, depth dataset name, split) of `config.data`; reads and
   writes nothing."""
   d = config.data
@@ -114,7 +115,7 @@ class Data:
     return self.num_examples // batch_size
 
 
-def prepare(config) -> Data:
+def prepare(config: mlc.ConfigDict) -> Data:
   """Makes the training data ready, once: generates the synthetic scenes if they are missing
   (`synthetic.ensure_dataset`, idempotent), opens the image and depth datasets, checks that
   they belong together (`check_alignment`) and takes the subset. Every process calls it.
@@ -141,7 +142,7 @@ def prepare(config) -> Data:
   return Data(src)
 
 
-def _stored_output(config) -> tuple[str | None, str]:
+def _stored_output(config: mlc.ConfigDict) -> tuple[str | None, str]:
   """(the depth dataset's 'distance' / 'disparity' or None if unrecorded, a description)."""
   if config.data.source == 'synthetic':
     return 'distance', 'the synthetic scenes (exact distance)'
@@ -152,7 +153,7 @@ def _stored_output(config) -> tuple[str | None, str]:
   return info['output'], f'depth dataset {depth_name!r} ({info["output"]} from {info["model"]})'
 
 
-def depth_is_disparity(config) -> bool:
+def depth_is_disparity(config: mlc.ConfigDict) -> bool:
   """Whether the stored depth is disparity (larger = nearer), so `map_depth` negates it.
 
   `depth.is_disparity` when set; when None (the default), what the depth dataset records
@@ -176,7 +177,7 @@ def depth_is_disparity(config) -> bool:
   return bool(explicit)
 
 
-def augmentation(config, *, whole_image: bool = False) -> transforms.DecodeAugment:
+def augmentation(config: mlc.ConfigDict, *, whole_image: bool = False) -> transforms.DecodeAugment:
   """The per-example transform `create` uses, built from `config`.
 
   `whole_image=True`: no crop and no flip (evaluation), everything else the same.
@@ -239,7 +240,7 @@ class _ClipWatch(grain.transforms.Map):
     return batch
 
 
-def create(config, data: Data, *, block=None, process_count=None, seed=None):
+def create(config: mlc.ConfigDict, data: Data, *, block=None, process_count=None, seed=None):
   """An endless, checkpointable iterator over this host's training batches.
 
   Data sources (`config.data`):

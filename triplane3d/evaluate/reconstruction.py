@@ -27,6 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
 
 from triplane3d import render
@@ -73,7 +74,7 @@ def render_full(model, params, images_bhw3):
   return render.to_image(out['rgb'], r), render.to_image(out['depth'], r)
 
 
-def scene_example(config, index: int, seed: int | None = None) -> dict:
+def scene_example(config: mlc.ConfigDict, index: int, seed: int | None = None) -> dict:
   """Synthetic scene `index` through the production decode path, whole image (no crop/flip).
 
   Returns 'image' (1, S, S, 3), 'rgb' (1, R, R, 3), 'depth' (1, R, R, 1) numpy arrays.
@@ -92,7 +93,7 @@ def scene_example(config, index: int, seed: int | None = None) -> dict:
   return {k: ex[k][None] for k in ('image', 'rgb', 'depth')}
 
 
-def heldout_scenes(config) -> dict[str, np.ndarray]:
+def heldout_scenes(config: mlc.ConfigDict) -> dict[str, np.ndarray]:
   """The held-out synthetic scenes [num_synthetic, num_synthetic + eval.num_heldout), whole.
 
   Same generator and seed as the training set, disjoint indices: never trained on. Returns
@@ -133,7 +134,9 @@ def describe(m: dict[str, float]) -> str:
   )
 
 
-def overfit_scene(config, scene: int, num_steps: int, *, every: int = 25, verbose=False) -> dict:
+def overfit_scene(
+  config: mlc.ConfigDict, scene: int, num_steps: int, *, every: int = 25, verbose=False
+) -> dict:
   """Trains `config`'s model on one synthetic scene (batch of 1) with the trainer's step.
 
   Returns {'curve': [{'step', 'psnr', 'depth_abs', 'loss', 'time_s'}...], 'baselines'}.

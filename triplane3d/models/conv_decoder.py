@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm
 
@@ -38,7 +39,9 @@ class ConvDecoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @classmethod
-  def from_config(cls, decoder_cfg, *, resolution: int, near: float, far: float) -> ConvDecoder:
+  def from_config(
+    cls, decoder_cfg: mlc.ConfigDict, *, resolution: int, near: float, far: float
+  ) -> ConvDecoder:
     """From the `decoder` config section; the output resolution and depth range belong to
     other sections (render, camera) and are wired by `Prior3D.from_config`."""
     return cls(

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from triplane3d import render
 from triplane3d.models import vit
@@ -38,7 +39,7 @@ class Prior3D:
   act_sharding: Any = None  # Sharding of (B, ...) activations (batch over data × fsdp).
 
   @classmethod
-  def from_config(cls, config, act_sharding=None) -> Prior3D:
+  def from_config(cls, config: mlc.ConfigDict, act_sharding=None) -> Prior3D:
     m = config.model
     backbone = vit.create(
       m.variant,

@@ -24,13 +24,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from triplane3d.models.attention_prior import camera_attention_bias
 from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm, partitioned
 from triplane3d.render.camera import Camera
 
 
-def point_mlp(params: Any, feats_nc: jnp.ndarray, dtype: Dtype = jnp.float32):
+def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
   """The point decoder as a pure function (EG3D's OSGDecoder).
 
   Args:
@@ -77,7 +78,7 @@ class PointMLP(nn.Module):
   hidden: int = 64
 
   @classmethod
-  def from_config(cls, render_cfg) -> PointMLP:
+  def from_config(cls, render_cfg: mlc.ConfigDict) -> PointMLP:
     """From the `render` config section (render.mlp_hidden)."""
     return cls(hidden=int(render_cfg.mlp_hidden))
 
@@ -153,7 +154,7 @@ class TriplaneDecoder(nn.Module):
   plane_space: str = 'box'
 
   @classmethod
-  def from_config(cls, decoder_cfg, **kw) -> TriplaneDecoder:
+  def from_config(cls, decoder_cfg: mlc.ConfigDict, **kw) -> TriplaneDecoder:
     """From the `decoder` config section; `kw` sets the fields other sections own (the
     prior's camera and plane axes, wired by `Prior3D.from_config`)."""
     return cls(

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import ml_collections as mlc
 import numpy as np
 
 
@@ -82,7 +84,7 @@ class Camera:
       raise ValueError('camera.rotation is not orthonormal; pass a proper rotation matrix.')
 
   @classmethod
-  def from_config(cls, cfg) -> Camera:
+  def from_config(cls, cfg: mlc.ConfigDict | Mapping[str, Any] | None) -> Camera:
     """Builds a camera from a ConfigDict / mapping; missing fields keep the defaults."""
     if cfg is None:
       return cls()

@@ -17,17 +17,17 @@ import jax.numpy as jnp
 _MIN_TOTAL_FOR_GRAD = 1e-12
 
 
-def activate_density(raw: jnp.ndarray) -> jnp.ndarray:
+def activate_density(raw: jax.Array) -> jax.Array:
   """The density activation of EG3D's marcher: softplus(raw - 1). Any shape."""
   return jax.nn.softplus(raw - 1.0)
 
 
 def raymarch(
-  colors: jnp.ndarray,
-  densities: jnp.ndarray,
-  depths: jnp.ndarray,
+  colors: jax.Array,
+  densities: jax.Array,
+  depths: jax.Array,
   white_background: bool = False,
-) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Composites K sorted samples per ray.
 
   Args:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 _EPS = 1e-5
 
 
-def pdf_cdf(weights: jnp.ndarray) -> jnp.ndarray:
+def pdf_cdf(weights: jax.Array) -> jax.Array:
   """(..., M) bin weights → (..., M + 1) cdf starting at 0, of pdf = (w + 1e-5) / Σ."""
   w = weights + _EPS
   pdf = w / jnp.sum(w, axis=-1, keepdims=True)
@@ -51,8 +51,8 @@ def _search_mask(bins, cdf, u):
 
 
 def sample_pdf(
-  bins: jnp.ndarray, weights: jnp.ndarray, u: jnp.ndarray, search: str = 'mask'
-) -> jnp.ndarray:
+  bins: jax.Array, weights: jax.Array, u: jax.Array, search: str = 'mask'
+) -> jax.Array:
   """Draws samples from the piecewise-constant pdf given by `weights` on `bins`.
 
   Args:

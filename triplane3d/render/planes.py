@@ -25,11 +25,11 @@ PLANE_AXES = {
 
 
 def plane_coords(
-  points: jnp.ndarray,
+  points: jax.Array,
   box_size: float,
   plane_axes: str = 'xyz',
   box_center: Sequence[float] = (0.0, 0.0, 0.0),
-) -> jnp.ndarray:
+) -> jax.Array:
   """Normalised grid coordinates of world points on each plane.
 
   Args:
@@ -49,7 +49,7 @@ def plane_coords(
   return jnp.stack([unit[..., list(ax)] for ax in PLANE_AXES[plane_axes]], axis=-2)
 
 
-def _corners(grid_n2: jnp.ndarray, h: int, w: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def _corners(grid_n2: jax.Array, h: int, w: int) -> tuple[jax.Array, jax.Array]:
   """The 4 bilinear taps of `grid_sample(zeros, align_corners=False)` on an (h, w) grid.
 
   Returns `(index (n, 4) int32 into the row-major h·w texels, weight (n, 4))`; taps outside
@@ -75,7 +75,7 @@ def _corners(grid_n2: jnp.ndarray, h: int, w: int) -> tuple[jnp.ndarray, jnp.nda
   return jnp.stack(index, axis=-1), jnp.stack(weight, axis=-1)
 
 
-def _bilinear(plane_hwc: jnp.ndarray, grid_n2: jnp.ndarray) -> jnp.ndarray:
+def _bilinear(plane_hwc: jax.Array, grid_n2: jax.Array) -> jax.Array:
   """`grid_sample(bilinear, zeros, align_corners=False)` of one (H, W, C) plane at (N, 2)."""
   h, w, c = plane_hwc.shape
   index, weight = _corners(grid_n2, h, w)
@@ -95,7 +95,7 @@ def _all_taps(planes_shape, coords_np2):
 
 
 @jax.custom_vjp
-def _mean_lookup(planes: jnp.ndarray, coords_np2: jnp.ndarray) -> jnp.ndarray:
+def _mean_lookup(planes: jax.Array, coords_np2: jax.Array) -> jax.Array:
   """Mean over planes of `_bilinear`: (3, H, W, C), (n, 3, 2) → (n, C)."""
   _, h, w, c = planes.shape
   index, weight = _all_taps(planes.shape, coords_np2)
@@ -136,12 +136,12 @@ _mean_lookup.defvjp(_mean_lookup_fwd, _mean_lookup_bwd)
 
 
 def sample_planes(
-  planes: jnp.ndarray,
-  points: jnp.ndarray,
+  planes: jax.Array,
+  points: jax.Array,
   box_size: float,
   plane_axes: str = 'xyz',
   box_center: Sequence[float] = (0.0, 0.0, 0.0),
-) -> jnp.ndarray:
+) -> jax.Array:
   """Per-plane bilinear features of world points.
 
   Args:
@@ -159,12 +159,12 @@ def sample_planes(
 
 
 def sample_planes_mean(
-  planes: jnp.ndarray,
-  points: jnp.ndarray,
+  planes: jax.Array,
+  points: jax.Array,
   box_size: float,
   plane_axes: str = 'xyz',
   box_center: Sequence[float] = (0.0, 0.0, 0.0),
-) -> jnp.ndarray:
+) -> jax.Array:
   """Mean over the three planes of `sample_planes`, without the (..., 3, C) intermediate.
 
   Args: as `sample_planes`.

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
 from triplane3d.render.camera import Camera, ray_table
 from triplane3d.render.marching import activate_density, raymarch
@@ -33,7 +34,7 @@ from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import sample_planes_mean
 from triplane3d.render.sampling import importance_bins, stratified_depths
 
-DecodeFn = Callable[[Any, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+DecodeFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ class RenderOptions:
       raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
 
   @classmethod
-  def from_config(cls, render_cfg, camera: Camera) -> RenderOptions:
+  def from_config(cls, render_cfg: mlc.ConfigDict, camera: Camera) -> RenderOptions:
     """From the `render` config section and the one camera (`Camera.from_config`).
 
     A configured camera must keep its whole frustum inside the triplane box (checked here).
@@ -120,11 +121,11 @@ class RenderOutput(NamedTuple):
     `gather_pixels` to take the same pixels from targets.
   """
 
-  rgb: jnp.ndarray
-  depth: jnp.ndarray
-  opacity: jnp.ndarray
-  densities: jnp.ndarray
-  ray_indices: jnp.ndarray
+  rgb: jax.Array
+  depth: jax.Array
+  opacity: jax.Array
+  densities: jax.Array
+  ray_indices: jax.Array
 
 
 def draw_rays(key: jax.Array, options: RenderOptions) -> jax.Array:
@@ -136,12 +137,12 @@ def draw_rays(key: jax.Array, options: RenderOptions) -> jax.Array:
   return jnp.arange(num_pixels, dtype=jnp.int32)
 
 
-def gather_pixels(image_hwc: jnp.ndarray, ray_indices: jnp.ndarray) -> jnp.ndarray:
+def gather_pixels(image_hwc: jax.Array, ray_indices: jax.Array) -> jax.Array:
   """Pixels of an (H, W, C) target at row-major `ray_indices` (n,) → (n, C)."""
   return image_hwc.reshape(-1, image_hwc.shape[-1])[ray_indices]
 
 
-def to_image(values_nc: jnp.ndarray, resolution: int) -> jnp.ndarray:
+def to_image(values_nc: jax.Array, resolution: int) -> jax.Array:
   """(..., R², C) values of a full render → (..., R, R, C) image."""
   return values_nc.reshape(*values_nc.shape[:-2], resolution, resolution, values_nc.shape[-1])
 
@@ -199,14 +200,14 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
 
 
 def render_image(
-  planes: jnp.ndarray,
+  planes: jax.Array,
   mlp_params: Any,
   key: jax.Array,
   *,
   decode_fn: DecodeFn,
   options: RenderOptions,
-  ray_indices: jnp.ndarray | None = None,
-  rays: tuple[jnp.ndarray, jnp.ndarray] | None = None,
+  ray_indices: jax.Array | None = None,
+  rays: tuple[jax.Array, jax.Array] | None = None,
 ) -> RenderOutput:
   """Renders one image from its triplanes (deterministic given `key`).
 
@@ -264,7 +265,7 @@ def render_image(
 
 
 def render_batch(
-  planes_b: jnp.ndarray,
+  planes_b: jax.Array,
   mlp_params: Any,
   key: jax.Array,
   *,

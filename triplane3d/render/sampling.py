@@ -9,10 +9,11 @@ bins with EG3D's weights[1:-1] (so the last coarse interval never receives fine 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
-def stratified_depths(jitter: jnp.ndarray, near: float, far: float) -> jnp.ndarray:
+def stratified_depths(jitter: jax.Array, near: float, far: float) -> jax.Array:
   """Jittered coarse depths.
 
   Args:
@@ -28,7 +29,7 @@ def stratified_depths(jitter: jnp.ndarray, near: float, far: float) -> jnp.ndarr
   return jnp.linspace(near, far, k, dtype=jitter.dtype) + jitter * delta
 
 
-def smooth_weights(weights: jnp.ndarray) -> jnp.ndarray:
+def smooth_weights(weights: jax.Array) -> jax.Array:
   """EG3D's blur-pool of coarse weights: max-pool(2, pad 1) → avg-pool(2) → + 0.01.
 
   Args:
@@ -44,7 +45,7 @@ def smooth_weights(weights: jnp.ndarray) -> jnp.ndarray:
   return 0.5 * (pooled[..., :-1] + pooled[..., 1:]) + 0.01
 
 
-def importance_bins(depths: jnp.ndarray, weights: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+def importance_bins(depths: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The (bins, weights) EG3D feeds to `sample_pdf` from a coarse pass.
 
   Args:
