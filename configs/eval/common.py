@@ -2,7 +2,7 @@
 
 Suite files (`synthetic.py`, `imagenet.py`, ...) call `get_base_config()` and change numbers;
 `--config.a.b=v` overrides a field and an unknown field is an error. Defaults follow DINOv2's
-evaluation protocols (SPEC.md §4) unless a comment says otherwise.
+evaluation protocols (docs/evaluation.md) unless a comment says otherwise.
 """
 
 import ml_collections as mlc
@@ -75,7 +75,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.pug_imagenet.dataset = 'pug_imagenet'
   c.pug_imagenet.splits = ()  # Imported factors: 'texture' (Object_Texture), 'size' (Object_Scale).
   c.pug_imagenet.mapping = ''  # Class -> ImageNet indices JSON; '' = PUG's, in package data.
-  # True: argmax over the mapped ImageNet logits only (SPEC 4); False: over all 1000, as PUG's
+  # True: argmax over the mapped ImageNet logits only (our protocol); False: over all 1000, as PUG's
   # notebook does.
   c.pug_imagenet.restrict = True
   c.imagenet_3dcc = mlc.ConfigDict()

@@ -13,7 +13,7 @@ one factor varied per folder; `splits` names the imported factors, by default 't
 `class_to_imagenet_idx.json` (package data, provenance in third_party/PUG/), inverted as PUG's
 notebook does (keys sorted; a later class overwrites an earlier one: 841 means Sweatshirt, so
 Shirt images are never right). The prediction is the argmax over the 176 mapped ImageNet logits
-(`restrict`, SPEC §4: datasets with a class subset restrict the logits to it) or over all 1000
+(`restrict`, docs/evaluation.md: datasets with a class subset restrict the logits to it) or over all 1000
 (PUG's notebook); top-1 = the predicted index maps to the image's class. Preprocessing: PUG's
 (`CenterCrop(256)`, then resize to S).
 
