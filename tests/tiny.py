@@ -1,6 +1,7 @@
 """Tiny trainer configs: the real code paths (synthetic data on disk, ViT, triplanes, renderer,
 orbax, grain) at sizes that run a step in well under a second on CPU."""
 
+from triplane3d import run_config
 from triplane3d.configs import demo
 
 
@@ -31,13 +32,7 @@ def tiny_config(data_dir: str, **overrides):
   c.train.ckpt_every_steps = 2
   c.mesh.data = -1
   c.mesh.fsdp = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return run_config.apply_overrides(c, overrides)
 
 
 def get_config(data_dir: str):
