@@ -4,7 +4,7 @@
 
 Writes synthetic-scenes datasets to a temporary directory, then measures images/s of
 `triplane3d.data.pipeline.create` at two settings — the paper's (224² backbone input, 256²
-targets, from 256² images) and the demo's (56², 32², from 64² images) — and of the synthetic
+targets, from 256² images) and the demo's (112², 32², from 112² images) — and of the synthetic
 generator. Numbers are per host, after a warm-up batch; CPU-bound (PNG decode, PIL resizes).
 """
 
@@ -44,14 +44,14 @@ def _pipeline_rate(config, steps):
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
-    for res in (64, 256):
+    for res in (112, 256):
       start = time.perf_counter()
       synthetic.ensure_dataset(f'{tmp}/r{res}', _NUM.value, 0, Camera(), res)
       dt = time.perf_counter() - start
       print(f'synthetic generator {res}x{res}: {_NUM.value / dt:8.1f} images/s (incl. writing)')
     for name, res, s, r, b in (
       ('paper 224/256', 256, 224, 256, 32),
-      ('demo 56/32', 64, 56, 32, 16),
+      ('demo 112/32', 112, 112, 32, 16),
     ):
       for workers in (0, 2):
         c = _config(f'{tmp}/r{res}', s, r, workers, b)
