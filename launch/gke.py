@@ -1,4 +1,4 @@
-"""GKE: a JobSet manifest that runs the training command on every host of a TPU slice.
+r"""GKE: a JobSet manifest that runs the training command on every host of a TPU slice.
 
   python -m triplane3d.launch.gke ACTION --name=RUN --accelerator=v5litepod-16 \
       --bucket=gs://BUCKET --install='triplane3d[tpu] @ git+https://...' [--spot] \
@@ -162,6 +162,8 @@ def run(action: str, job: Job, args: argparse.Namespace, runner: shell.Runner) -
   kubectl = ['kubectl', f'--namespace={job.namespace}']
   if action == 'nodepool':
     topo = [f'--tpu-topology={job.tpu.topology}'] if job.tpu.hosts > 1 else []
+    # TPUs are zonal: in a regional cluster the pool must name the zone that has them.
+    topo += [f'--node-locations={args.zone}'] if args.zone else []
     runner.run(
       ['gcloud', 'container', 'node-pools', 'create', f'{job.name}-pool', *_gcloud_location(args),
        f'--machine-type={job.tpu.machine_type}', *topo, f'--num-nodes={job.tpu.hosts}',
@@ -211,6 +213,7 @@ def parse(argv: list[str]) -> tuple[str, Job, argparse.Namespace]:
   p.add_argument('--manifest', help='where apply writes the manifest')
   p.add_argument('--cluster')
   p.add_argument('--location', help="the cluster's region or zone")
+  p.add_argument('--zone', help='nodepool: the zone of the TPUs, e.g. us-west4-a')
   p.add_argument('--project')
   p.add_argument('--dry-run', action='store_true', help='print the commands, run nothing')
   a = p.parse_args(own)

@@ -1,4 +1,4 @@
-"""SLURM GPU clusters: an sbatch script that trains on every GPU, requeues and resumes.
+r"""SLURM GPU clusters: an sbatch script that trains on every GPU, requeues and resumes.
 
   python -m triplane3d.launch.slurm --name=RUN --nodes=2 --gpus-per-node=8 \
       --workdir=/shared/runs/RUN [--tasks=gpu|node] [--partition=P] [--time=24:00:00] \

@@ -1,4 +1,4 @@
-"""Cloud TPU VMs (one host or a pod slice): create, install, run on every worker, resume.
+r"""Cloud TPU VMs (one host or a pod slice): create, install, run on every worker, resume.
 
   python -m triplane3d.launch.tpu_vm ACTION --name=NAME --zone=ZONE --accelerator=TYPE \
       [--spot | --queued] [--bucket=gs://BUCKET] [--config=configs/vitb.py] [--dry-run] \
@@ -135,7 +135,12 @@ def setup(job: Job, runner: shell.Runner) -> None:
     dist = os.path.join(tempfile.gettempdir(), 'triplane3d_dist')
     runner.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', f'--wheel-dir={dist}', root])
     runner.run(job.gcloud('tpu-vm', 'scp', os.path.join(dist, wheel), f'{job.name}:/tmp/', '--worker=all'))  # fmt: skip
-    spec = f'/tmp/{wheel}[tpu]'
+    # The extra pulls JAX with libtpu; the forced reinstall replaces an installed copy of the
+    # same version (pip would keep it) with this checkout's code.
+    install = f'{shell.pip_install(f"/tmp/{wheel}[tpu]")}\n'
+    install += f'python3 -m pip install --force-reinstall --no-deps /tmp/{wheel}'
+    runner.run(job.ssh('all', install))
+    return
   runner.run(job.ssh('all', shell.pip_install(spec)))
 
 
@@ -187,7 +192,10 @@ def resume(job: Job, runner: shell.Runner) -> None:
 
 def watch(job: Job, runner: shell.Runner) -> None:
   """Resumes after every preemption until main.py logs that the run finished."""
-  probe = job.ssh('0', f'{_RUNNING} >/dev/null && echo running || tail -n 5 {job.log_file}')
+  # Exits 0 unless ssh itself fails (then the next poll tries again).
+  probe = job.ssh(
+    '0', f'{_RUNNING} >/dev/null && echo running || tail -n 5 {job.log_file} 2>&1 || true'
+  )
   if runner.dry_run:
     runner.say(f'every {job.poll_s:g} s: the slice state and, on worker 0, whether it runs:')
     runner.query(probe)
@@ -198,11 +206,11 @@ def watch(job: Job, runner: shell.Runner) -> None:
     if runner.query(job.state_command()) not in _HEALTHY:
       resume(job, runner)
     else:
-      status = runner.query(probe) or ''
-      if _FINISHED.search(status):
+      status = runner.query(probe)
+      if status and _FINISHED.search(status):
         runner.say(f'finished: {job.workdir}')
         return
-      if status != 'running':
+      if status is not None and status != 'running':
         if 'preempted: True' not in status:
           raise shell.LaunchError(f'the run stopped without finishing:\n{status}\n(see: logs)')
         start(job, runner)  # Stopped by SIGTERM on a slice that stayed up (maintenance).

@@ -110,9 +110,10 @@ def test_tpu_vm_setup_installs_on_every_worker():
   runner, _ = _tpu_vm('setup', '--dry-run')
   build, scp, _ = runner.commands
   assert build[1:4] == ['-m', 'pip', 'wheel'] and '--worker=all' in scp
+  wheel = '/tmp/triplane3d-0.1.0-py3-none-any.whl'
   assert _ssh_scripts(runner) == [
-    ('--worker=all', '--command=python3 -m pip install --upgrade '
-     '"/tmp/triplane3d-0.1.0-py3-none-any.whl[tpu]"')
+    ('--worker=all', f'--command=python3 -m pip install --upgrade "{wheel}[tpu]"\n'
+     f'python3 -m pip install --force-reinstall --no-deps {wheel}')
   ]  # fmt: skip
 
 
@@ -160,10 +161,16 @@ def test_tpu_vm_resume_after_preemption_recreates_and_continues_the_same_workdir
 
 def test_tpu_vm_watch_resumes_until_finished(monkeypatch):
   done = 'I0101 main.py] finished at step 25020 (preempted: False)'
-  answers = ['ACTIVE', 'running', 'SUSPENDED', None, 'ACTIVE', 'ACTIVE', done]
+  # (state, probe) pairs; None: ssh failed (retried), then a preemption (resume: state query
+  # None = slice gone, create, wait for ACTIVE), then the run finishes.
+  answers = ['ACTIVE', None, 'ACTIVE', 'running', 'SUSPENDED', None, 'ACTIVE', 'ACTIVE', done]
   fake = _Gcloud(monkeypatch, answers)
-  _tpu_vm('watch', f'--bucket={BUCKET}', '--queued', '--install=x', '--poll=0')
+  flags = (f'--bucket={BUCKET}', '--queued', '--install=x', '--poll=0')
+  _tpu_vm('watch', *flags)
   assert not fake.answers and len(_started_scripts(fake.calls)) == 1
+  _Gcloud(monkeypatch, ['ACTIVE', 'Traceback ...\nValueError: boom'])
+  with pytest.raises(shell.LaunchError, match='stopped without finishing'):
+    _tpu_vm('watch', *flags)
 
 
 def test_tpu_vm_dry_run_resume_shows_the_recreate_path():
@@ -258,8 +265,8 @@ def fakes(tmp_path):
   scripts = {
     'python3': f"""#!/bin/bash
 if [ "$1" != "-m" ]; then exec {sys.executable} "$@"; fi
-echo "$$ $*" > {tmp_path}/started
 trap 'echo saved >> {tmp_path}/calls; exit 0' TERM
+echo "$$ $*" > {tmp_path}/started.tmp && mv {tmp_path}/started.tmp {tmp_path}/started
 for i in $(seq ${{FAKE_STEPS:-100}}); do sleep 0.05; done
 exit ${{FAKE_RC:-0}}""",
     'srun': '#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexec "$@"',
