@@ -143,6 +143,7 @@ def get_base_config() -> mlc.ConfigDict:
   # Time.
   c.train = mlc.ConfigDict()
   c.train.batch_size = 512  # Global batch.
+  c.train.accum_steps = 1  # Split each global batch into k micro-batches, one update (memory).
   c.train.num_epochs = 10
   c.train.num_steps = 0  # > 0 overrides num_epochs.
   c.train.log_every_steps = 50

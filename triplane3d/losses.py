@@ -54,6 +54,24 @@ def psnr(mse_value: jax.Array, peak: float = 1.0) -> jax.Array:
   return 10.0 * jnp.log10(peak**2 / jnp.maximum(mse_value, 1e-10))
 
 
+def combine_terms(terms_k: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """The `objective` terms of a batch from those of its k equal-sized parts.
+
+  Args:
+    terms_k: `objective`'s terms of each part, every leaf stacked to (k,).
+
+  Returns:
+    The terms `objective` gives on the whole batch (up to float rounding): the mean of each
+    term over the parts, except 'psnr', a function of the colour MSE over the whole batch,
+    which is the PSNR of the parts' mean MSE.
+  """
+  terms = {name: jnp.mean(v, axis=0) for name, v in terms_k.items()}
+  if 'psnr' in terms_k:
+    mse_k = 10.0 ** (-terms_k['psnr'] / 10.0)  # Inverts `psnr` (peak 1).
+    terms['psnr'] = psnr(jnp.mean(mse_k))
+  return terms
+
+
 def objective(
   recon: dict,
   batch: dict,
@@ -73,6 +91,9 @@ def objective(
   Returns:
     `(total, terms)`: terms has 'rgb', 'depth', 'dist', 'norm' (0 where absent), 'total',
     and the diagnostics 'psnr' and 'depth_abs' (mean |depth error|) that take no weight.
+    Every term but 'psnr' is a mean over images of a per-image mean (each image renders the
+    same number of rays and samples), so a batch's terms and gradient are the means of its
+    equal parts' (`combine_terms`: gradient accumulation).
   """
   # Targets (B, R, R, C) at the rendered rays' row-major pixel indices (B, n) → (B, n, C).
   gather = jax.vmap(render.gather_pixels)

@@ -126,28 +126,116 @@ def build(config: mlc.ConfigDict, mesh: Mesh, num_steps: int) -> Setup:
   )
 
 
+def check_accum(config: mlc.ConfigDict, mesh: Mesh) -> None:
+  """Refuses a `train.accum_steps` that cannot split the global batch over the mesh."""
+  k, batch = config.train.accum_steps, config.train.batch_size
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(
+      f'train.accum_steps must be a positive number of micro-batches per step (1: no '
+      f'accumulation), got {k!r}.'
+    )
+  shards = sharding.batch_shards(mesh)
+  if batch % k or (batch // k) % shards:
+    fits = [d for d in range(1, batch + 1) if batch % d == 0 and (batch // d) % shards == 0]
+    raise ValueError(
+      f'train.batch_size={batch} with train.accum_steps={k} gives micro-batches of '
+      f'{batch / k:g} images, but each micro-batch is split over mesh data × fsdp = '
+      f'{mesh.shape["data"]} × {mesh.shape["fsdp"]} = {shards} devices: use a '
+      f'train.accum_steps in {fits}, or change train.batch_size or the mesh.'
+    )
+
+
+def split_batch(batch: dict, accum_steps: int, mesh: Mesh) -> dict:
+  """(B, ...) leaves → (k, B/k, ...) micro-batches; micro-batch j holds images j, j + k, ....
+
+  Strided, not contiguous: each device holds a contiguous block of B / shards images, which
+  is whole rows of the (B/k, k) layout when B/k is a multiple of the shards (`check_accum`),
+  so every micro-batch takes its share from every device and no image moves between them.
+  """
+  spec = sharding.batch_sharding(mesh).spec
+  micro_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *spec))
+
+  def split(x):
+    x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, micro_sh)
+
+  return jax.tree.map(split, batch)
+
+
+def accumulate(grad_fn: Callable, params, batch: dict, accum_steps: int, setup: Setup):
+  """The mean gradient and loss terms of `batch`, computed over k micro-batches in turn.
+
+  Args:
+    grad_fn: `(params, micro_batch, index) -> (grads, terms)`: `objective`'s gradient and
+      terms on a batch; `index` is the micro-batch's number (an int32 scalar), or None when
+      the batch is not split.
+    params: the parameters the gradient is taken at.
+    batch: the global batch, leaves (B, ...) split over the mesh's batch axes.
+    accum_steps: k, the number of micro-batches of B/k images (`check_accum`).
+    setup: the mesh and the parameters' shardings (those of the summed gradient).
+
+  Returns:
+    `(grads, terms)` of the whole batch: every loss term is a mean over images, so the mean of
+    the micro-batches' gradients is the gradient of the whole batch (up to float rounding),
+    and `losses.combine_terms` gives its terms. Memory is that of one micro-batch plus a
+    float32 gradient sum, sharded like the parameters.
+  """
+  if accum_steps == 1:
+    return grad_fn(params, batch, None)
+  grad_sh = setup.state_shardings['params']
+  constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_sh)  # noqa: E731
+
+  def body(grad_sum, xs):
+    index, micro = xs
+    grads, terms = grad_fn(params, micro, index)
+    return constrain(jax.tree.map(jnp.add, grad_sum, grads)), terms
+
+  zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+  indices = jnp.arange(accum_steps, dtype=jnp.int32)
+  grad_sum, terms_k = jax.lax.scan(
+    body, zeros, (indices, split_batch(batch, accum_steps, setup.mesh))
+  )
+  grads = jax.tree.map(lambda g: g / accum_steps, grad_sum)
+  return grads, losses.combine_terms(terms_k)
+
+
 def make_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
   """The un-jitted step: (state, teacher, batch) → (new state, metrics).
 
   `teacher` is the frozen backbone's params (an empty dict without distillation); it is an
   input of the step, never an argument of the differentiated function. `key` is the run's
-  training key; each step folds its step number in.
+  training key; each step folds its step number in. With `train.accum_steps` = k > 1 the
+  global batch is split into k micro-batches (`accumulate`) whose mean gradient takes one
+  optimiser step; micro-batch j draws its rays and drop-path masks from the step's keys with
+  j folded in (k = 1 keeps the step's keys as they were).
   """
   model, tx = setup.model, setup.tx
   use_drop = config.model.drop_path_rate > 0
   trainable = optim.trainable_mask(config.optim)
+  check_accum(config, setup.mesh)
+  accum_steps = config.train.accum_steps
 
   def train_step(state, teacher, batch):
     step = state['step']
     k_render, k_drop = jax.random.split(jax.random.fold_in(key, step))
 
-    def loss_fn(params):
-      h = model.representation(params['backbone'], batch['image'], rng=k_drop if use_drop else None)
-      h_t = model.representation(teacher, batch['image']) if setup.use_teacher else None
-      recon = model.reconstruct(params, h, k_render)
-      return losses.objective(recon, batch, h, h_t, config.loss)
+    def grad_fn(params, batch, index):
+      # A micro-batch's draws differ from its siblings': it folds its number into the keys.
+      fold = (lambda k: k) if index is None else (lambda k: jax.random.fold_in(k, index))
+      k_ray, k_path = fold(k_render), fold(k_drop)
 
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+      def loss_fn(params):
+        h = model.representation(
+          params['backbone'], batch['image'], rng=k_path if use_drop else None
+        )
+        h_t = model.representation(teacher, batch['image']) if setup.use_teacher else None
+        recon = model.reconstruct(params, h, k_ray)
+        return losses.objective(recon, batch, h, h_t, config.loss)
+
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      return grads, terms
+
+    grads, terms = accumulate(grad_fn, state['params'], batch, accum_steps, setup)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {
       'step': step + 1,
@@ -236,6 +324,7 @@ def run(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = Fal
   # 1. Mesh and hosts: refuse impossible layouts before touching data or weights.
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
+  check_accum(config, mesh)
   logging.info('mesh %s over %d processes', dict(mesh.shape), jax.process_count())
 
   # 2. Data, prepared once: this host's share, checkpointable; the examples drawn in grids.
