@@ -22,7 +22,7 @@ from triplane3d.render import (
   to_image,
 )
 from triplane3d.render.camera import ray_table
-from triplane3d.render.renderer import render_rays
+from triplane3d.render.renderer import clip_to_scene, render_rays
 
 AXES = {'xyz': ((0, 1), (0, 2), (1, 2)), 'eg3d': ((0, 1), (0, 2), (2, 0))}
 
@@ -107,6 +107,7 @@ def np_render(planes, params, origins, dirs, jitter, u, opts):
   raw = np.take_along_axis(np.concatenate([raw, raw_f], 1), order, 1)
   rgb = np.take_along_axis(np.concatenate([rgb, rgb_f], 1), order[..., None], 1)
   color, depth, _, total = np_march(rgb, raw, t, opts.white_background)
+  depth = np.clip(depth, cam.near, cam.far)  # The scene range (renderer.clip_to_scene).
   return color, depth, total, np.logaddexp(0, raw - 1)
 
 
@@ -286,3 +287,25 @@ def test_frustum_space_reads_one_uv_texel_per_ray(space):
     np.testing.assert_allclose(got, image, atol=1e-9)
   else:
     assert np.abs(got - image).max() > 0.05
+
+
+def test_depth_is_clamped_to_the_scene_range_with_a_straight_through_gradient():
+  # Rays are sampled beyond [near, far] (the margin); depth returns to the scene range.
+  d = jnp.asarray([1.40, 1.50, 2.00, 2.50, 2.58])
+  out, vjp = jax.vjp(lambda x: clip_to_scene(x, 1.5, 2.5), d)
+  np.testing.assert_allclose(out, [1.5, 1.5, 2.0, 2.5, 2.5])
+  (grad,) = vjp(jnp.asarray([1.0, 2.0, 3.0, 4.0, 5.0]))
+  np.testing.assert_allclose(grad, [1.0, 2.0, 3.0, 4.0, 5.0])  # Identity, also where clamped.
+  # A background target at `far`: a render beyond `far` has zero squared error and gradient;
+  # an object target nearer than `far` still pulls a render beyond `far` towards it.
+  loss = lambda x, t: jnp.sum(jnp.square(clip_to_scene(x, 1.5, 2.5) - t))  # noqa: E731
+  assert float(jax.grad(loss)(jnp.asarray([2.58]), 2.5)[0]) == 0.0
+  assert float(jax.grad(loss)(jnp.asarray([2.58]), 2.0)[0]) == 1.0
+
+
+def test_rendered_depth_stays_in_the_scene_range():
+  planes, params = make_scene(6)
+  out = render(planes, params, jax.random.PRNGKey(0), decode_fn=point_mlp, options=OPTS)
+  cam = OPTS.camera
+  assert cam.sample_range[0] < cam.near and cam.sample_range[1] > cam.far
+  assert float(out.depth.min()) >= cam.near and float(out.depth.max()) <= cam.far

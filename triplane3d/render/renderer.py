@@ -112,7 +112,8 @@ class RenderOutput(NamedTuple):
   """What `render_image` returns; every field is per rendered ray (n rays).
 
   rgb: (n, 3) composited colour in [0, 1] (up to the decoder's ±0.001 margin).
-  depth: (n, 1) expected depth along the unit ray, within the sample range.
+  depth: (n, 1) expected depth along the unit ray, clamped to the scene range [near, far]
+    (`clip_to_scene`: straight-through gradient).
   opacity: (n, 1) accumulated opacity Σ weights.
   densities: (n, k) **activated** densities softplus(raw - 1) of every queried point
     (coarse and fine, sorted by depth): the non-negative densities the marcher integrates,
@@ -196,7 +197,21 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
     )
     rgb = jnp.stack([r, g, b], axis=-1)
   color, depth, weights = raymarch(rgb, raw[..., None], depths[..., None], options.white_background)
+  depth = clip_to_scene(depth, cam.near, cam.far)
   return color, depth, jnp.sum(weights, axis=-2), activate_density(raw)
+
+
+def clip_to_scene(depth: jax.Array, near: float, far: float) -> jax.Array:
+  """Depth clamped to the scene range [near, far], with the gradient of the identity. Any shape.
+
+  Targets lie in [near, far], but rays are sampled over the wider `Camera.sample_range` so
+  that depth at `far` is reachable. Clamping returns to EG3D's semantics (its depth is clamped
+  to its ray range, which is the scene range) and lets a background ray put its density
+  anywhere beyond `far` instead of exactly at it. The gradient passes straight through, so an
+  object pixel rendered as background (depth > far) still gets pulled towards its target; for
+  a target at `far` the clamped error, and with it the gradient, is zero.
+  """
+  return depth + jax.lax.stop_gradient(jnp.clip(depth, near, far) - depth)
 
 
 def render_image(
