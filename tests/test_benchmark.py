@@ -1,0 +1,98 @@
+"""`python -m triplane3d.benchmark`: the step benchmark on the demo config shrunk to tiny sizes
+(8 CPU devices) writes its JSON; the data mode times the pipeline; the FLOP accounting
+counts loop bodies by their trip counts and the analytic formula matches a hand count."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import triplane3d.configs
+from triplane3d import benchmark
+from triplane3d.configs import demo
+
+DEMO = Path(triplane3d.configs.__file__).parent / 'demo.py'
+# tests/tiny.py's sizes: a step in well under a second.
+TINY = {
+  'model.img_size': 28, 'decoder.width': 32, 'decoder.num_heads': 2, 'decoder.low_res': 4,
+  'decoder.up_channels': '(8,)', 'decoder.plane_channels': 8, 'render.resolution': 8,
+  'render.num_coarse': 6, 'render.num_fine': 4, 'render.mlp_hidden': 16,
+  'train.batch_size': 8, 'data.num_synthetic': 16,
+}  # fmt: skip
+
+
+def _run(tmp_path, *args):
+  out = tmp_path / 'bench.json'
+  cmd = [sys.executable, '-m', 'triplane3d.benchmark', f'--config={DEMO}', f'--json={out}']
+  cmd += [f'--config.{k}={v}' for k, v in TINY.items()] + list(args)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def test_step_benchmark_writes_its_json(tmp_path):
+  r, stdout = _run(tmp_path, '--steps=3', '--warmup=1')
+  assert 'images_per_s' in stdout and 'mfu' in stdout  # The readable table.
+  assert (r['mode'], r['platform'], r['devices'], r['global_batch']) == ('step', 'cpu', 8, 8)
+  assert len(r['step_s']) == 3 and r['step_s_median'] == sorted(r['step_s'])[1]
+  for key in (
+    'compile_s', 'step_s_median', 'images_per_s', 'images_per_s_per_device',
+    'flops_per_image_analytic', 'flops_per_image_xla', 'flops_per_image_xla_loops_once',
+    'achieved_flops_per_device', 'peak_flops_per_device', 'mfu', 'memory_peak_bytes',
+  ):  # fmt: skip
+    assert r[key] > 0, key
+  assert r['images_per_s'] == pytest.approx(8 / r['step_s_median'])
+  assert r['images_per_s_per_device'] == pytest.approx(r['images_per_s'] / 8)
+  assert r['peak_source'].startswith('measured')
+  assert r['mfu'] == pytest.approx(r['achieved_flops_per_device'] / r['peak_flops_per_device'])
+  # XLA counts what the formula leaves out (norms, softmax, the sort, remat): more, not wildly.
+  assert 0.8 < r['xla_over_analytic'] < 3.0
+  assert r['flops_per_image_xla'] >= r['flops_per_image_xla_loops_once']
+  assert r['config'].endswith('demo.py') and r['overrides']['render.resolution'] == 8
+
+
+def test_peak_flops_flag_overrides_the_measurement(tmp_path):
+  r, _ = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15')
+  assert r['peak_flops_per_device'] == 1e15 and r['peak_source'] == '--peak_flops'
+
+
+def test_data_mode_times_the_pipeline_per_worker_count(tmp_path):
+  r, stdout = _run(tmp_path, '--mode=data', '--workers=0,1', '--steps=2')
+  assert r['mode'] == 'data' and set(r['images_per_s_per_host']) == {'0', '1'}
+  assert all(v > 0 for v in r['images_per_s_per_host'].values())
+  assert '1 workers' in stdout
+
+
+def test_loop_bodies_count_trip_count_times():
+  """A 10-step fori_loop of a (64, 256) @ (256, 256) matmul: XLA's cost analysis counts one
+  matmul; `xla_flops` counts ten."""
+  w = jnp.ones((256, 256))
+
+  def f(x):
+    return jax.lax.fori_loop(0, 10, lambda i, x: jnp.tanh(x @ w), x)
+
+  compiled = jax.jit(f).lower(jnp.ones((64, 256))).compile()
+  one = 2 * 64 * 256 * 256
+  out = benchmark.xla_flops(compiled)
+  assert out['once'] == pytest.approx(one, rel=0.05)
+  assert out['with_trips'] == pytest.approx(10 * one, rel=0.05)
+  assert [t for _, t in out['loops']] == [10] and out['unknown_trips'] == 0
+
+
+def test_analytic_flops_by_hand_for_vit_s():
+  """ViT-S/14 at 224 px: 257 tokens, 12 blocks of 12·384² matmul weights."""
+  c = demo.get_config()
+  c.model.variant, c.model.img_size = 'vits14', 224
+  d, t = 384, 257
+  vit = 2 * 256 * 3 * 14 * 14 * d + 12 * (2 * 12 * d * d * t + 4 * t * t * d)
+  parts = benchmark.analytic_flops(c)
+  assert parts['backbone'] == vit and parts['teacher'] == vit
+  assert parts['train'] == 3 * (vit + parts['decoder'] + parts['render']) + vit
+  rays, k, ch, hid = 32 * 32, 24, 16, 32
+  assert parts['render'] == rays * k * (2 * (ch * hid + 4 * hid) + 24 * ch)
+  c.loss.dist_weight = 0.0
+  assert benchmark.analytic_flops(c)['teacher'] == 0

@@ -1,0 +1,486 @@
+"""Benchmark: the real train step's speed, FLOPs and memory, or the input pipeline's rate.
+
+  python -m triplane3d.benchmark --config=configs/demo.py [--config.x=y] [--steps=20]
+      [--warmup=2] [--peak_flops=F] [--json=PATH]
+  python -m triplane3d.benchmark --mode=data --config=configs/demo.py --workers=0,2,4
+
+`--mode=step` (default) jits `train.jit_train_step` on every visible device (a data × fsdp
+mesh from `config.mesh`) with synthetic in-memory batches (no dataset is read) and reports:
+compile time, the median step time over `--steps` steps after `--warmup`
+(`block_until_ready`), images/s per device and in total, FLOPs per image (analytic and
+XLA's), MFU, and peak memory. `--mode=data` times `data.pipeline` alone: images/s per host for
+each `--workers` count.
+
+Analytic FLOPs per image (`analytic_flops`; multiply-adds count 2; norms, softmax and other
+elementwise work are left out). S = model.img_size, p = 14, N = (S/p)² patches, T = 1 + R + N
+tokens (R registers), D the width and L the depth of the ViT, P = 12·D² (MLP ratio 4; SwiGLU:
+4·D² + 3·D·H) matmul parameters per block:
+  ViT forward  = 2·N·(3p²)·D  +  L·(2·P·T + 4·T²·D)           (patch embedding, blocks, QKᵀ and AV)
+  decoder fwd  = cross-attention blocks on Q = 3·l² queries of width W over T tokens of 4·D:
+                 2·Q·W² (q) + 4·T·4D·W (k, v) + 4·Q·T·W (attention) + 2·Q·W² (out) + 16·Q·W² (MLP)
+               + upsampling: Σ_i 2·9·c_{i-1}·c_i·3·r_i²  (3×3 convs at side r_i = l·2^i, c_0 = W)
+               + 2·c_U·C·3·r_U² (the 1×1 projection to C plane channels)
+  renderer fwd = rays · (coarse + fine) · (2·(C·H + 4·H) + 24·C)   (point MLP of width H; 12
+                 bilinear taps of C channels)
+  train step   = 3 × (ViT + decoder + renderer forward)  [+ 1 × ViT forward for the teacher]
+(backward ≈ 2× forward; the teacher only runs forward; rematerialisation is not counted, so
+XLA's count, which does count it, is expected to be higher.) The conv ablation's decoder:
+2·N·4D·W + the same upsampling sum at the render resolution + 2·9·c·4·R².
+
+XLA's count comes from `compiled.cost_analysis()`, which counts a while loop's body once
+(`jax.lax.map` over ray chunks, `fori_loop` over plane taps, the accumulation `scan`);
+`xla_flops` re-counts each loop body times its trip count (see there). MFU = analytic FLOPs
+per second per device / the device's peak (`PEAK_FLOPS`, dense bf16; on CPU the measured
+float32 matmul rate of a large jitted matmul, shared by the host's CPU devices; `--peak_flops`
+overrides).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+
+from triplane3d import sharding
+from triplane3d.models import vit
+
+# Peak dense bf16 FLOP/s per device (a megacore v4 / v5p device is one chip), by device_kind
+# prefix; the first matching entry wins ('TPU v5 lite' is v5e, 'TPU v5' v5p).
+PEAK_FLOPS = (
+  ('TPU v4', 275e12),
+  ('TPU v5 lite', 197e12),
+  ('TPU v5', 459e12),
+  ('TPU v6 lite', 918e12),
+  ('NVIDIA H100', 989e12),
+  ('NVIDIA H200', 989e12),
+)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  """The device's peak FLOP/s from `PEAK_FLOPS`, or None (CPU, unknown accelerators)."""
+  for prefix, flops in PEAK_FLOPS:
+    if device.device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of the best of `reps` jitted float32 (n, n) @ (n, n) matmuls on CPU device 0.
+
+  Uses every core of the host (XLA's CPU thread pool), so it is the host's peak, which the
+  host's CPU devices share.
+  """
+  dev = jax.local_devices(backend='cpu')[0]
+  a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), dev)
+  f = jax.jit(lambda x: x @ x)  # Runs where `a` lives.
+  f(a).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def batch_shapes(config: mlc.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of each field of a global training batch (`pipeline.create`'s layout)."""
+  b, s, r = config.train.batch_size, config.model.img_size, config.render.resolution
+  return {
+    'image': ((b, s, s, 3), jnp.float32),
+    'rgb': ((b, r, r, 3), jnp.float32),
+    'depth': ((b, r, r, 1), jnp.float32),
+    'label': ((b,), jnp.int32),
+  }
+
+
+def analytic_flops(config: mlc.ConfigDict) -> dict[str, float]:
+  """FLOPs per image by the formula in the module docstring: the forward of each part and the
+  whole train step ('train')."""
+  spec = vit.variant_spec(config.model.variant)
+  d, p = spec.width, 14
+  n = (config.model.img_size // p) ** 2
+  t = 1 + spec.num_registers + n
+  if spec.ffn == 'swiglu':
+    hidden = vit.swiglu_hidden(d)
+    per_block = 4 * d * d + 3 * d * hidden
+  else:
+    per_block = 12 * d * d
+  backbone = 2 * n * 3 * p * p * d + spec.depth * (2 * per_block * t + 4 * t * t * d)
+  dec, rend = config.decoder, config.render
+  e, w, ups = config.model.num_layers_h * d, dec.width, tuple(dec.up_channels)
+  if dec.kind == 'triplane':
+    q, side = 3 * dec.low_res**2, dec.low_res
+    attn = 2 * q * w * w + 4 * t * e * w + 4 * q * t * w + 2 * q * w * w + 16 * q * w * w
+    decoder = dec.num_layers * attn
+    planes = 3
+  else:
+    side = math.isqrt(n)
+    decoder = 2 * n * e * w
+    planes = 1
+  c_in = w
+  for c in ups if dec.kind == 'triplane' else _conv_channels(ups, side, rend.resolution):
+    side *= 2
+    decoder += 2 * 9 * c_in * c * planes * side**2
+    c_in = c
+  if dec.kind == 'triplane':
+    decoder += 2 * c_in * dec.plane_channels * planes * side**2
+    rays = rend.rays_per_image or rend.resolution**2
+    ch, hid = dec.plane_channels, rend.mlp_hidden
+    render = rays * (rend.num_coarse + rend.num_fine) * (2 * (ch * hid + 4 * hid) + 24 * ch)
+  else:
+    decoder += 2 * 9 * c_in * 4 * rend.resolution**2
+    render = 0
+  teacher = backbone if config.loss.dist_weight > 0 else 0
+  parts = {'backbone': backbone, 'decoder': decoder, 'render': render, 'teacher': teacher}
+  parts = {k: float(v) for k, v in parts.items()}
+  parts['train'] = 3 * (backbone + decoder + render) + teacher
+  return parts
+
+
+def _conv_channels(ups: tuple[int, ...], grid: int, resolution: int) -> list[int]:
+  """The conv decoder's block widths: ×2 blocks until the grid reaches the resolution."""
+  num = 0
+  while grid * 2**num < resolution:
+    num += 1
+  return list(ups[:num]) + [ups[-1]] * max(0, num - len(ups))
+
+
+# --- XLA's FLOPs with loop trip counts. ---
+
+_COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$')
+_WHILE = re.compile(r'while\(%?([\w.\-]+)\), condition=%?([\w.\-]+), body=%?([\w.\-]+)')
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+  """HLO module text → ({computation name: its lines}, the entry computation's name)."""
+  comps: dict[str, list[str]] = {}
+  entry, current = '', None
+  for line in text.splitlines()[1:]:
+    m = _COMPUTATION.match(line) if current is None else None
+    if m:
+      current = m.group(2)
+      comps[current] = [line]
+      entry = current if m.group(1) else entry
+    elif current is not None:
+      comps[current].append(line)
+      if line.startswith('}'):
+        current = None
+  return comps, entry
+
+
+def _trip_count(line: str, comps: dict[str, list[str]], caller: str) -> int | None:
+  """A while loop's trip count: XLA's `known_trip_count` where the backend writes it (CPU,
+  GPU), else read off the condition `i < limit` (or `<=`) and i's initial value in the loop
+  tuple (TPU). None if neither is readable."""
+  known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+  if known:
+    return int(known.group(1))
+  loop_tuple, cond, _ = _WHILE.search(line).groups()
+  ins = dict(m.groups() for m in map(_INSTRUCTION.match, comps[cond][1:-1]) if m)
+  outer = dict(m.groups() for m in map(_INSTRUCTION.match, comps[caller][1:-1]) if m)
+  root = next((x for x in comps[cond] if x.strip().startswith('ROOT ')), '')
+  cmp = re.search(r'compare\(%?([\w.\-]+), %?([\w.\-]+)\), direction=(\w+)', root)
+  if not cmp:
+    return None
+
+  def const(name, table):
+    m = re.match(r'\S+ constant\((-?\d+)\)', table.get(name, ''))
+    return int(m.group(1)) if m else None
+
+  def index(name):
+    m = re.search(r'get-tuple-element\(.*\), index=(\d+)', ins.get(name, ''))
+    return int(m.group(1)) if m else None
+
+  a, b, direction = cmp.groups()
+  if index(a) is None or const(b, ins) is None:  # `limit > i` reads as `i < limit`.
+    a, b, direction = b, a, {'GT': 'LT', 'GE': 'LE'}.get(direction, direction)
+  i, limit = index(a), const(b, ins)
+  if i is None or limit is None or direction not in ('LT', 'LE'):
+    return None
+  elements = re.search(r' tuple\((.*)\)', outer.get(loop_tuple, ''))
+  names = [x.strip().lstrip('%') for x in elements.group(1).split(',')] if elements else []
+  start = const(names[i], outer) if i < len(names) else None
+  return max(limit - (start or 0) + (direction == 'LE'), 0)
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> dict[str, Any]:
+  """XLA's FLOPs per device, with every while-loop body counted trip-count times.
+
+  `cost_analysis()` counts each loop body once. Here XLA's own cost analysis is run on each
+  loop body (the optimised module re-parsed with the body as its entry), and
+      full(c) = once(c) + Σ_loops in c [trips · full(body) − once(body)],
+  recursively from the entry. Returns {'once': XLA's number, 'with_trips': full(entry),
+  'loops': [(body, trips)], 'unknown_trips': loops whose trip count was unreadable (counted
+  once)}.
+  """
+  from jax._src.lib import _jax  # Private: XLA's HloCostAnalysis on a module.
+  from jaxlib import _hlo
+
+  options = _hlo.HloPrintOptions()
+  options.print_metadata = False
+  module = compiled.runtime_executable().hlo_modules()[0]
+  comps, entry = _computations(module.to_string(options))
+  client = jax.local_devices(backend='cpu')[0].client
+  cache: dict[str, float] = {}
+  loops: list[tuple[str, int | None]] = []
+
+  def once(name: str) -> float:
+    if name not in cache:
+      lines = []
+      for c, body in comps.items():
+        head = body[0].removeprefix('ENTRY ')
+        lines += [('ENTRY ' if c == name else '') + head, *body[1:]]
+      sub = _hlo.hlo_module_from_text('HloModule sub\n\n' + '\n'.join(lines))
+      cache[name] = float(_jax.hlo_module_cost_analysis(client, sub).get('flops', 0.0))
+    return cache[name]
+
+  def full(name: str) -> float:
+    total = once(name)
+    for line in comps[name]:
+      if _WHILE.search(line):
+        body = _WHILE.search(line).group(3)
+        trips = _trip_count(line, comps, name)
+        loops.append((body, trips))
+        total += (trips or 1) * full(body) - once(body)
+    return total
+
+  reported = float(compiled.cost_analysis().get('flops', 0.0))
+  with_trips = full(entry) - once(entry) + reported
+  unknown = sum(t is None for _, t in loops)
+  return {'once': reported, 'with_trips': with_trips, 'loops': loops, 'unknown_trips': unknown}
+
+
+def memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
+  """Per-device memory of a compiled step from `memory_analysis()`: arguments, outputs,
+  aliases (donated arguments reused as outputs), temporaries, generated code, and their
+  total = arguments + outputs − aliases + temporaries + code."""
+  m = compiled.memory_analysis()
+  out = {
+    'arguments': m.argument_size_in_bytes,
+    'outputs': m.output_size_in_bytes,
+    'aliases': m.alias_size_in_bytes,
+    'temporaries': m.temp_size_in_bytes,
+    'code': m.generated_code_size_in_bytes,
+  }
+  out['total'] = (
+    out['arguments'] + out['outputs'] - out['aliases'] + out['temporaries'] + out['code']
+  )
+  return out
+
+
+# --- The step benchmark. ---
+
+
+def synthetic_batch(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+  """A random global batch in the pipeline's layout, on the mesh (this host's rows)."""
+  rng = np.random.default_rng(config.seed)
+  rows = config.train.batch_size // jax.process_count()
+  near, far = config.camera.near, config.camera.far
+  fill = {
+    'image': lambda s: rng.standard_normal(s, np.float32),
+    'rgb': lambda s: rng.random(s, np.float32),
+    'depth': lambda s: rng.uniform(near, far, s).astype(np.float32),
+    'label': lambda s: np.zeros(s, np.int32),
+  }
+  host = {k: fill[k]((rows, *shape[1:])) for k, (shape, _) in batch_shapes(config).items()}
+  return sharding.to_global(host, mesh)
+
+
+def step_benchmark(
+  config: mlc.ConfigDict, *, steps: int, warmup: int, peak: float | None = None
+) -> dict[str, Any]:
+  """Compiles and times the real train step on the visible devices (see the module
+  docstring); `peak`: FLOP/s per device (default: `PEAK_FLOPS`, or the CPU matmul rate)."""
+  from triplane3d import train
+  from triplane3d.models.prior3d import unbox
+
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
+  setup = train.build(config, mesh, max(config.train.num_steps, warmup + steps))
+  k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)(k_init)
+  teacher = {}
+  if setup.use_teacher:  # A random teacher: the same work as DINOv2 weights.
+    init = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
+    teacher = jax.jit(init, out_shardings=setup.teacher_shardings)(k_init)
+  batch = synthetic_batch(config, mesh)
+
+  start = time.perf_counter()
+  compiled = train.jit_train_step(setup, config, k_train).lower(state, teacher, batch).compile()
+  compile_s = time.perf_counter() - start
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, teacher, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+
+  devices = mesh.devices.size
+  step_s = statistics.median(times)
+  images_per_s = config.train.batch_size / step_s
+  analytic = analytic_flops(config)
+  xla = xla_flops(compiled)
+  per_image = devices / config.train.batch_size  # Per-device FLOPs → per image.
+  device = mesh.devices.flat[0]
+  peak_source = '--peak_flops'
+  if peak is None and device.platform == 'cpu':
+    peak = cpu_matmul_peak() / len(jax.local_devices(backend='cpu'))
+    peak_source = 'measured float32 matmul (host rate / CPU devices)'
+  elif peak is None:
+    peak, peak_source = peak_flops(device), 'PEAK_FLOPS (dense bf16)'
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  peak_mem = max((s.get('peak_bytes_in_use', 0) for s in stats), default=0)
+  memory = memory_bytes(compiled)
+  achieved = analytic['train'] * images_per_s / devices
+  return {
+    'mode': 'step',
+    'variant': config.model.variant,
+    'platform': device.platform,
+    'device_kind': device.device_kind,
+    'devices': devices,
+    'mesh': dict(mesh.shape),
+    'global_batch': config.train.batch_size,
+    'compile_s': compile_s,
+    'step_s_median': step_s,
+    'step_s': times,
+    'images_per_s': images_per_s,
+    'images_per_s_per_device': images_per_s / devices,
+    'flops_per_image_analytic': analytic['train'],
+    'flops_per_image_analytic_parts': analytic,
+    'flops_per_image_xla': xla['with_trips'] * per_image,
+    'flops_per_image_xla_loops_once': xla['once'] * per_image,
+    'xla_loops': [[b, t] for b, t in xla['loops']],
+    'xla_over_analytic': xla['with_trips'] * per_image / analytic['train'],
+    'achieved_flops_per_device': achieved,
+    'peak_flops_per_device': peak,
+    'peak_source': peak_source,
+    'mfu': achieved / peak if peak else None,
+    'memory_peak_bytes': peak_mem or memory['total'],
+    'memory_source': 'device memory_stats' if peak_mem else 'compiled.memory_analysis()',
+    'memory_analysis': memory,
+  }
+
+
+# --- The input-pipeline benchmark. ---
+
+
+def pipeline_rate(config: mlc.ConfigDict, data, steps: int) -> float:
+  """Images/s of one host's `pipeline.create` iterator over `data`, after a warm-up batch
+  (worker start-up, first prefetch)."""
+  from triplane3d.data import pipeline
+
+  it = pipeline.create(config, data, block=0, process_count=1)
+  next(it)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  rate = steps * config.train.batch_size / (time.perf_counter() - start)
+  if hasattr(it, 'close'):
+    it.close()
+  return rate
+
+
+def data_benchmark(config: mlc.ConfigDict, *, workers: list[int], steps: int) -> dict[str, Any]:
+  """Images/s per host of the input pipeline alone, for each worker count. A synthetic source
+  without a data_dir or workdir is generated into a temporary directory."""
+  from triplane3d.data import pipeline
+
+  config = config.copy_and_resolve_references()
+  with tempfile.TemporaryDirectory() as tmp:
+    if config.data.source == 'synthetic' and not (config.data.data_dir or config.workdir):
+      config.data.data_dir = tmp
+    data = pipeline.prepare(config)
+    rates = {}
+    for w in workers:
+      config.data.num_workers = w
+      rates[str(w)] = pipeline_rate(config, data, steps)
+  return {
+    'mode': 'data',
+    'source': config.data.source,
+    'batch_per_host': config.train.batch_size,
+    'image_size': config.model.img_size,
+    'render_resolution': config.render.resolution,
+    'images_per_s_per_host': rates,
+  }
+
+
+def _fmt(v: Any) -> str:
+  if isinstance(v, float):
+    return f'{v:.4g}'
+  return str(v)
+
+
+def table(result: dict[str, Any]) -> str:
+  """The readable report: one `name  value` line per scalar (lists and parts left out)."""
+  lines = []
+  for k, v in result.items():
+    if isinstance(v, dict) and k == 'images_per_s_per_host':
+      lines += [f'{"images/s/host, " + w + " workers":<34} {r:.1f}' for w, r in v.items()]
+    elif isinstance(v, dict) and k in ('flops_per_image_analytic_parts', 'memory_analysis'):
+      lines.append(f'{k:<34} ' + ', '.join(f'{a} {_fmt(float(b))}' for a, b in v.items()))
+    elif not isinstance(v, list | dict):
+      lines.append(f'{k:<34} {_fmt(v)}')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  from ml_collections import config_flags
+
+  from triplane3d import console
+
+  del argv
+  console.quiet_libraries()
+  f = flags.FLAGS
+  config = f.config
+  if f.mode == 'data':
+    result = data_benchmark(config, workers=[int(w) for w in f.workers], steps=f.steps)
+  else:
+    result = step_benchmark(config, steps=f.steps, warmup=f.warmup, peak=f.peak_flops)
+  result['config'] = config_flags.get_config_filename(f['config'])
+  result['overrides'] = config_flags.get_override_values(f['config'])
+  print(table(result))
+  if f.json:
+    with open(f.json, 'w') as fp:
+      json.dump(result, fp, indent=1)
+
+
+def _define_flags() -> None:
+  import os
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  import triplane3d.configs
+  from triplane3d import run_config
+
+  demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+  error = run_config.unknown_override(sys.argv, demo)
+  if error:  # Before the flag is defined: ml_collections' own report is a bare AttributeError.
+    sys.exit(f'error: {error}')
+  config_flags.DEFINE_config_file('config', demo, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_enum('mode', 'step', ['step', 'data'], 'Time the train step or the pipeline.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps (batches in --mode=data).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s per device for MFU (default: table).')
+  flags.DEFINE_list('workers', ['0', '2', '4'], '--mode=data: grain worker counts to time.')
+  flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
+
+
+if __name__ == '__main__':
+  from absl import app
+
+  _define_flags()
+  app.run(main)
