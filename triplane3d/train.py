@@ -206,8 +206,8 @@ def make_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
   input of the step, never an argument of the differentiated function. `key` is the run's
   training key; each step folds its step number in. With `train.accum_steps` = k > 1 the
   global batch is split into k micro-batches (`accumulate`) whose mean gradient takes one
-  optimiser step; micro-batch j draws its rays and drop-path masks from the step's keys with
-  j folded in (k = 1 keeps the step's keys as they were).
+  optimiser step; each image draws its rays by its place in the global batch, so every k
+  renders the same rays (drop-path masks are drawn per micro-batch).
   """
   model, tx = setup.model, setup.tx
   use_drop = config.model.drop_path_rate > 0
@@ -219,23 +219,26 @@ def make_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
     step = state['step']
     k_render, k_drop = jax.random.split(jax.random.fold_in(key, step))
 
-    def grad_fn(params, batch, index):
-      # A micro-batch's draws differ from its siblings': it folds its number into the keys.
-      fold = (lambda k: k) if index is None else (lambda k: jax.random.fold_in(k, index))
-      k_ray, k_path = fold(k_render), fold(k_drop)
+    # One ray key per image, by its place in the global batch: image i draws its rays and
+    # sample jitter with split(k_render, B)[i] whichever micro-batch renders it.
+    ray_keys = jax.random.split(k_render, batch['image'].shape[0])
+
+    def grad_fn(params, per_image, index):
+      # Drop-path masks are drawn per (micro-)batch: micro-batch j folds j into the key.
+      k_path = k_drop if index is None else jax.random.fold_in(k_drop, index)
+      images = per_image['batch']['image']
 
       def loss_fn(params):
-        h = model.representation(
-          params['backbone'], batch['image'], rng=k_path if use_drop else None
-        )
-        h_t = model.representation(teacher, batch['image']) if setup.use_teacher else None
-        recon = model.reconstruct(params, h, k_ray)
-        return losses.objective(recon, batch, h, h_t, config.loss)
+        h = model.representation(params['backbone'], images, rng=k_path if use_drop else None)
+        h_t = model.representation(teacher, images) if setup.use_teacher else None
+        recon = model.reconstruct(params, h, per_image['ray_key'])
+        return losses.objective(recon, per_image['batch'], h, h_t, config.loss)
 
       (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return grads, terms
 
-    grads, terms = accumulate(grad_fn, state['params'], batch, accum_steps, setup)
+    per_image = {'batch': batch, 'ray_key': ray_keys}
+    grads, terms = accumulate(grad_fn, state['params'], per_image, accum_steps, setup)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {
       'step': step + 1,

@@ -126,11 +126,13 @@ class Prior3D:
   def reconstruct(self, params, h, key, *, full: bool = False) -> dict[str, jax.Array]:
     """Decodes h and renders: rgb (B, n, 3), depth (B, n, 1), densities (B, n, k) and planes
     (B, 3, H, W, C) (triplane only), ray_indices (B, n). `full=True` renders every pixel
-    whatever `rays_per_image`."""
+    whatever `rays_per_image`. `key`: one key per image (B,), or one split over the batch
+    (`render.render_batch`)."""
     opts = dataclasses.replace(self.options, rays_per_image=0) if full else self.options
     if self.mlp is None:
       rgb, depth = self.decoder.apply({'params': params['decoder']}, h)
-      keys = jax.random.split(key, rgb.shape[0])
+      per_image = jax.random.key_data(key).ndim > 1  # As render.render_batch.
+      keys = key if per_image else jax.random.split(key, rgb.shape[0])
       idx = jax.vmap(lambda k: render.draw_rays(k, opts))(keys)
       take = jax.vmap(render.gather_pixels)
       return {'rgb': take(rgb, idx), 'depth': take(depth, idx), 'ray_indices': idx}

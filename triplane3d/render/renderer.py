@@ -289,8 +289,13 @@ def render_batch(
 ) -> RenderOutput:
   """`render_image` vmapped over planes (B, 3, H, W, C), one key per image.
 
+  `key`: the images' keys (B,), or one key, split into B (image i draws with
+  `jax.random.split(key, B)[i]`). Per-image keys let an image draw the same rays whatever
+  batch it is rendered in (gradient accumulation splits batches).
+
   Returns a `RenderOutput` whose fields gain a leading batch axis B.
   """
-  keys = jax.random.split(key, planes_b.shape[0])
+  per_image = jax.random.key_data(key).ndim > 1  # Typed (B,) keys, or raw (B, 2).
+  keys = key if per_image else jax.random.split(key, planes_b.shape[0])
   render = functools.partial(render_image, decode_fn=decode_fn, options=options)
   return jax.vmap(render, in_axes=(0, None, 0))(planes_b, mlp_params, keys)
