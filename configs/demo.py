@@ -7,9 +7,9 @@ Generates a synthetic-scenes dataset (exact depth) into the workdir on first use
 tiny randomly initialised ViT + triplane decoder + renderer for 600 steps, and leaves
 checkpoints, TensorBoard logs and PNG reconstructions in the workdir. Every 150 steps it
 renders 64 held-out scenes and prints PSNR and depth error beside trivial baselines.
-Measured on 2 CPU cores: 6 min; held-out 20.65 dB (mean colour 18.76), depth RMSE 0.111
-(mean map 0.135), |err| 0.047 (median map 0.047): colour and RMSE beat the baselines, |err|
-does not yet (goal 0.03; docs/reconstruction.md).
+Measured on 2 CPU cores: 6 min; held-out 20.51 dB (mean colour 18.76), depth RMSE 0.111
+(mean map 0.135), |err| 0.041 (median map 0.047): all beat the baselines, |err| not yet by
+the goal (0.03; docs/reconstruction.md).
 """
 
 from triplane3d.configs import common
