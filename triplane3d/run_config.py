@@ -40,6 +40,9 @@ RESUMABLE = frozenset({
   'mesh.fsdp',
   'model.remat',  # Memory for compute: the same numbers.
   'render.chunk',
+  # Micro-batches of the same global batch: each image draws the same rays whatever k (the
+  # rays are keyed per image), so only the float summation order changes.
+  'train.accum_steps',
 })  # fmt: skip
 # The run's length: free while the learning-rate schedule does not depend on it (a cosine
 # schedule decays over the total number of steps, so a longer run has other learning rates).
