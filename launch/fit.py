@@ -1,7 +1,7 @@
 """Ahead-of-time fit check: does a config's train step fit a TPU chip's HBM, and how big a batch?
 
   python -m triplane3d.launch.fit --config=configs/vitb.py --topology=v5e:2x2 \
-      [--batch_per_chip=N | --search] [--fsdp=N] [--json=PATH] [--config.x=y ...]
+      [--batch_per_chip=N | --search] [--quick] [--fsdp=N] [--json=PATH] [--config.x=y ...]
 
 Needs the `tpu` extra (libtpu) but no TPU and no dataset: the real step
 (`train.jit_train_step` on `train.build`'s shardings, state donated) is lowered with abstract
@@ -18,10 +18,11 @@ not fitting, with the sizes from its message. FLOPs per image: XLA's count with 
 body counted trip-count times (`benchmark.xla_flops`) beside the analytic count
 (`benchmark.analytic_flops`).
 
-`--search` finds the largest power-of-two batch per chip that fits (`search`): typically two
-compiles that fit and one that does not (XLA refuses those at buffer assignment, before the
-slow code generation). It also prints where the memory line `fixed + per_image × batch`
-crosses the chip's HBM.
+`--search` finds the largest power-of-two batch per chip that fits (`search`): quick compiles
+walk to it, full ones confirm it (a program that does not fit is refused at buffer assignment,
+before the slow code generation). `--quick` (`check(quick=True)`) stops every compile at
+buffer assignment: ~10× faster, but its temporaries are an estimate (−28 % to +30 % against
+full compiles, docs/performance.md).
 
 Compile time on a 2-core CPU is dominated by libtpu's code generation (~0.1 s per fusion):
 ~2 min for the demo config, several minutes for ViT-B/14 (docs/performance.md).
