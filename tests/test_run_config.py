@@ -29,7 +29,10 @@ def _cli(*args):
   [
     ('--config.optim.lrr=1', "section 'optim' has no field 'lrr'. Did you mean optim.lr?"),
     ('--config.lr=1', 'Did you mean optim.lr?'),  # The same name in another section.
-    ('--config.train.foo=1', "Fields of section 'train': accum_steps, batch_size, ckpt_every_steps"),
+    (
+      '--config.train.foo=1',
+      "Fields of section 'train': accum_steps, batch_size, ckpt_every_steps",
+    ),
   ],
 )
 def test_unknown_override_names_the_field_and_the_closest(tmp_path, override, want):
