@@ -13,6 +13,7 @@ import time
 
 from absl import app, flags
 
+from triplane3d import benchmark
 from triplane3d.configs import common
 from triplane3d.data import pipeline, synthetic
 from triplane3d.render.camera import Camera
@@ -29,18 +30,6 @@ def _config(data_dir, img_size, resolution, workers, batch_size):
   return c
 
 
-def _pipeline_rate(config, steps):
-  it = pipeline.create(config, pipeline.prepare(config), block=0, process_count=1)
-  next(it)  # Warm-up: worker start-up and the first prefetch.
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  rate = steps * config.train.batch_size / (time.perf_counter() - start)
-  if hasattr(it, 'close'):
-    it.close()
-  return rate
-
-
 def main(argv):
   del argv
   with tempfile.TemporaryDirectory() as tmp:
@@ -55,7 +44,7 @@ def main(argv):
     ):
       for workers in (0, 2):
         c = _config(f'{tmp}/r{res}', s, r, workers, b)
-        rate = _pipeline_rate(c, _STEPS.value)
+        rate = benchmark.pipeline_rate(c, pipeline.prepare(c), _STEPS.value)
         print(f'pipeline {name:>14}, {workers} workers: {rate:8.1f} images/s')
 
 
