@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from typing import Any
 
@@ -354,16 +353,12 @@ def main(argv: list[str]) -> None:
 
 def _define_flags() -> None:
   from absl import flags
-  from ml_collections import config_flags
 
   import triplane3d.configs
   from triplane3d import run_config
 
   vitb = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'vitb.py')
-  error = run_config.unknown_override(sys.argv, vitb)
-  if error:  # Before the flag is defined: ml_collections' own report is a bare AttributeError.
-    sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', vitb, 'Experiment config file.', lock_config=True)
+  run_config.define_config_flag(vitb, 'Experiment config file.')
   flags.DEFINE_string('topology', 'v5e:2x2', 'TPU topology, e.g. v5e:2x2, v4:2x2x1, v6e:2x4.')
   flags.DEFINE_integer('batch_per_chip', 8, 'Images per chip (global batch = this × chips).')
   flags.DEFINE_bool('search', False, 'Find the largest power-of-two batch per chip that fits.')

@@ -41,7 +41,6 @@ import json
 import math
 import re
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any
@@ -461,16 +460,12 @@ def _define_flags() -> None:
   import os
 
   from absl import flags
-  from ml_collections import config_flags
 
   import triplane3d.configs
   from triplane3d import run_config
 
   demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
-  error = run_config.unknown_override(sys.argv, demo)
-  if error:  # Before the flag is defined: ml_collections' own report is a bare AttributeError.
-    sys.exit(f'error: {error}')
-  config_flags.DEFINE_config_file('config', demo, 'Experiment config file.', lock_config=True)
+  run_config.define_config_flag(demo, 'Experiment config file.')
   flags.DEFINE_enum('mode', 'step', ['step', 'data'], 'Time the train step or the pipeline.')
   flags.DEFINE_integer('steps', 10, 'Timed steps (batches in --mode=data).')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')

@@ -330,14 +330,10 @@ def _define_flags() -> None:
   from triplane3d import run_config
 
   demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
-  if error := run_config.unknown_override(sys.argv, demo):
-    sys.exit(f'error: {error}')  # ml_collections would raise `AttributeError: "'foo'"`.
-  config_flags.DEFINE_config_file(
-    'config',
+  run_config.define_config_flag(
     demo,
     'The config file the run was trained with, followed by the same --config.x=y overrides. '
     'Default: the config stored in --workdir (the demo config for runs that store none).',
-    lock_config=True,
   )
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')

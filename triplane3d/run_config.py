@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import re
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -263,6 +264,17 @@ def unknown_field(config: mlc.ConfigDict, path: str) -> str | None:
     node = node[part]
     walked.append(part)
   return None
+
+
+def define_config_flag(default_config: str, help_text: str) -> Any:
+  """absl's `--config` flag (a locked config file, `default_config` unless given), defined after
+  refusing unknown `--config.*` overrides in `sys.argv` (`unknown_override`): exits with
+  'error: ...' naming the field. For the command-line programs; returns the flag holder."""
+  from ml_collections import config_flags
+
+  if error := unknown_override(sys.argv, default_config):
+    sys.exit(f'error: {error}')
+  return config_flags.DEFINE_config_file('config', default_config, help_text, lock_config=True)
 
 
 def unknown_override(argv: Sequence[str], default_config: str, name: str = 'config') -> str | None:
