@@ -35,6 +35,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.decoder.num_layers = 1  # Cross-attention blocks (queries: embeddings; keys: h).
   c.decoder.low_res = 16  # Resolution of the learnable embeddings / low-res triplanes.
   c.decoder.up_channels = (256, 128, 64)  # One ×2 upsampling block each: 16 → 128.
+  # The blocks: 'bilinear' (the paper: bilinear ×2 → 3×3 conv) or 'shuffle' (3×3 conv to 4×
+  # the channels at the lower resolution → depth-to-space; same FLOPs; models/layers.py).
+  c.decoder.upsample = 'bilinear'
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
   # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
   c.decoder.dtype = 'bfloat16'

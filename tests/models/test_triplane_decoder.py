@@ -5,7 +5,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import numpy as np
+import pytest
 import torch
 
 from triplane3d.configs import common, demo
@@ -110,6 +112,53 @@ def test_upsample_block_matches_torch():
   want = torch.nn.functional.gelu(t).permute(0, 2, 3, 1).numpy()
   assert got.shape == (2, 8, 10, 6)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shuffle_upsample_block_matches_torch_pixel_shuffle():
+  """'shuffle': conv at the input resolution, then torch's depth-to-space order, then GELU."""
+  x = np.random.default_rng(3).normal(size=(2, 4, 5, 3))
+  block = UpsampleBlock(6, mode='shuffle')
+  variables = block.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))
+  got = block.apply(variables, jnp.asarray(x, jnp.float32))
+  p = jax.tree.map(
+    lambda a: torch.from_numpy(np.asarray(a, np.float64)), nn.unbox(variables)['params']
+  )
+  assert p['conv']['kernel'].shape == (3, 3, 3, 24)
+  t = torch.from_numpy(x).permute(0, 3, 1, 2)
+  t = torch.nn.functional.conv2d(
+    t, p['conv']['kernel'].permute(3, 2, 0, 1), p['conv']['bias'], padding=1
+  )
+  t = torch.nn.functional.pixel_shuffle(t, 2)
+  want = torch.nn.functional.gelu(t).permute(0, 2, 3, 1).numpy()
+  assert got.shape == (2, 8, 10, 6)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_mode_is_checked_at_construction():
+  cfg = mlc.ConfigDict(
+    {
+      'width': 8,
+      'num_heads': 2,
+      'num_layers': 1,
+      'low_res': 4,
+      'up_channels': (4,),
+      'upsample': 'nearest',
+      'plane_channels': 4,
+      'dtype': 'float32',
+    }
+  )
+  with pytest.raises(ValueError, match=r"decoder.upsample must be one of .*'nearest'"):
+    TriplaneDecoder.from_config(cfg)
+
+
+def test_shuffle_decoder_gives_the_same_plane_shape():
+  h = jnp.asarray(np.random.default_rng(4).normal(size=(2, 1 + 16, 12)), jnp.float32)
+  dec = TriplaneDecoder(
+    width=8, num_heads=2, low_res=4, up_channels=(6, 5), plane_channels=3, upsample='shuffle'
+  )
+  planes = dec.apply(dec.init(jax.random.PRNGKey(0), h), h)
+  assert planes.shape == (2, 3, 16, 16, 3) and dec.plane_resolution == 16
+  assert np.isfinite(np.asarray(planes)).all()
 
 
 def test_point_mlp_module_equals_pure_function_and_numpy():

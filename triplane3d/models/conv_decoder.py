@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 
-from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm
+from triplane3d.models.layers import Dtype, UpsampleBlock, check_upsample, conv, dense, layer_norm
 
 
 class ConvDecoder(nn.Module):
@@ -26,6 +26,7 @@ class ConvDecoder(nn.Module):
   Attributes:
     width: channels after the input projection (decoder.width).
     up_channels: channels of the ×2 blocks; the last entry repeats if more blocks are needed.
+    upsample: the blocks' kind, 'bilinear' or 'shuffle' (`layers.UpsampleBlock`).
     resolution: R, the output side (render.resolution).
     near, far: the depth range (camera.near / camera.far).
     dtype: computation dtype (parameters stay float32).
@@ -33,6 +34,7 @@ class ConvDecoder(nn.Module):
 
   width: int = 512
   up_channels: Sequence[int] = (256, 128, 64)
+  upsample: str = 'bilinear'
   resolution: int = 256
   near: float = 1.5
   far: float = 2.5
@@ -47,6 +49,7 @@ class ConvDecoder(nn.Module):
     return cls(
       width=int(decoder_cfg.width),
       up_channels=tuple(int(c) for c in decoder_cfg.up_channels),
+      upsample=check_upsample(decoder_cfg.upsample),
       resolution=int(resolution),
       near=float(near),
       far=float(far),
@@ -66,7 +69,7 @@ class ConvDecoder(nn.Module):
     channels = list(self.up_channels[:num_up])
     channels += [self.up_channels[-1]] * (num_up - len(channels))
     for i, ch in enumerate(channels):
-      x = UpsampleBlock(ch, self.dtype, name=f'up{i}')(x)
+      x = UpsampleBlock(ch, self.dtype, self.upsample, name=f'up{i}')(x)
     if x.shape[1] != self.resolution:
       x = jax.image.resize(x, (b, self.resolution, self.resolution, x.shape[-1]), 'bilinear')
     x = conv(4, 3, 'head', self.dtype)(x).astype(jnp.float32)

@@ -59,14 +59,39 @@ def conv(features, kernel, name, dtype):
   )
 
 
+UPSAMPLE_MODES = ('bilinear', 'shuffle')
+
+
+def check_upsample(mode: str) -> str:
+  """`mode` if it is one of `UPSAMPLE_MODES`, else a ValueError naming the config field."""
+  if mode not in UPSAMPLE_MODES:
+    raise ValueError(f'decoder.upsample must be one of {UPSAMPLE_MODES}, got {mode!r}.')
+  return mode
+
+
 class UpsampleBlock(nn.Module):
-  """Bilinear ×2 → 3×3 conv → GELU. (N, H, W, Cin) → (N, 2H, 2W, features)."""
+  """A ×2 upsampling block, (N, H, W, Cin) → (N, 2H, 2W, features).
+
+  mode 'bilinear' (the paper's decoder): bilinear ×2 → 3×3 conv → GELU.
+  mode 'shuffle' (sub-pixel convolution, Shi et al. 2016): 3×3 conv at H×W to 4·features →
+    depth-to-space ×2 (channel c·4 + 2i + j goes to sub-pixel (i, j) of feature c, the order of
+    `torch.nn.functional.pixel_shuffle`) → GELU. The same FLOPs as 'bilinear', but every output
+    pixel has its own weights (a bilinear input is smooth within a cell, so a 3×3 conv on it
+    cannot give four neighbouring outputs independent values), the 3×3 window covers 6×6
+    output pixels instead of 3×3, and the 4× larger interpolated input is never stored.
+  """
 
   features: int
   dtype: Dtype = jnp.float32
+  mode: str = 'bilinear'
 
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
+    if self.mode == 'shuffle':
+      y = conv(4 * self.features, 3, 'conv', self.dtype)(x)
+      y = y.reshape(n, h, w, self.features, 2, 2).transpose(0, 1, 4, 2, 5, 3)
+      return nn.gelu(y.reshape(n, 2 * h, 2 * w, self.features), approximate=False)
+    check_upsample(self.mode)
     x = jax.image.resize(x, (n, 2 * h, 2 * w, c), 'bilinear')
     return nn.gelu(conv(self.features, 3, 'conv', self.dtype)(x), approximate=False)

@@ -2,7 +2,8 @@
 
 `TriplaneDecoder`: learnable (3 · L²) plane embeddings of width D_dec cross-attend to the
 backbone representation h (B, 1 + N, 4·D); the resulting low-resolution planes are upsampled
-(bilinear ×2 → 3×3 conv → GELU per block, the same weights for each of the three planes)
+(bilinear ×2 → 3×3 conv → GELU per block, or a sub-pixel convolution with
+`decoder.upsample='shuffle'`; the same weights for each of the three planes)
 and projected to C channels: (B, 3, L·2^U, L·2^U, C), 128×128×32 by default.
 
 `PointMLP` / `point_mlp`: the EG3D decoder from averaged plane features to colour and raw
@@ -27,7 +28,15 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from triplane3d.models.attention_prior import camera_attention_bias
-from triplane3d.models.layers import Dtype, UpsampleBlock, conv, dense, layer_norm, partitioned
+from triplane3d.models.layers import (
+  Dtype,
+  UpsampleBlock,
+  check_upsample,
+  conv,
+  dense,
+  layer_norm,
+  partitioned,
+)
 from triplane3d.render.camera import Camera
 
 
@@ -127,6 +136,7 @@ class TriplaneDecoder(nn.Module):
     num_heads, num_layers: the cross-attention blocks (queries: embeddings; keys/values: h).
     low_res: L, the embeddings' (and low-resolution planes') side.
     up_channels: one upsampling block per entry (U of them); the three planes share weights.
+    upsample: the blocks' kind, 'bilinear' (the paper) or 'shuffle' (`layers.UpsampleBlock`).
     plane_channels: C, the final 1×1 projection (no activation: features may be negative).
     dtype: computation dtype (parameters stay float32).
     prior_camera: with a camera, the cross-attention starts local: a plane cell attends to the
@@ -145,6 +155,7 @@ class TriplaneDecoder(nn.Module):
   num_layers: int = 1
   low_res: int = 16
   up_channels: Sequence[int] = (256, 128, 64)
+  upsample: str = 'bilinear'
   plane_channels: int = 32
   dtype: Dtype = jnp.float32
   prior_camera: Camera | None = None
@@ -163,6 +174,7 @@ class TriplaneDecoder(nn.Module):
       num_layers=int(decoder_cfg.num_layers),
       low_res=int(decoder_cfg.low_res),
       up_channels=tuple(int(c) for c in decoder_cfg.up_channels),
+      upsample=check_upsample(decoder_cfg.upsample),
       plane_channels=int(decoder_cfg.plane_channels),
       dtype=jnp.dtype(decoder_cfg.dtype),
       **kw,
@@ -208,7 +220,7 @@ class TriplaneDecoder(nn.Module):
     # Planes fold into the batch: each is upsampled on its own, with shared weights.
     x = x.reshape(b * 3, l, l, self.width)
     for i, ch in enumerate(self.up_channels):
-      x = UpsampleBlock(ch, self.dtype, name=f'up{i}')(x)
+      x = UpsampleBlock(ch, self.dtype, self.upsample, name=f'up{i}')(x)
     x = conv(self.plane_channels, 1, 'to_planes', self.dtype)(x)
     r = self.plane_resolution
     return x.reshape(b, 3, r, r, self.plane_channels).astype(jnp.float32)
