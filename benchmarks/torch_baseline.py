@@ -93,7 +93,9 @@ class CrossAttentionBlock(nn.Module):
 
 class TriplaneDecoder(nn.Module):
   """h (B, T, E) → planes (B, 3, C, R, R): 3·L² learned embeddings cross-attend to h, LN, then
-  per plane (shared weights) bilinear ×2 → 3×3 conv → GELU blocks and a 1×1 conv to C."""
+  per plane (shared weights) bilinear ×2 → 3×3 conv → GELU blocks (or, with
+  decoder.upsample='shuffle', 3×3 conv to 4× the channels → pixel_shuffle → GELU) and a 1×1
+  conv to C."""
 
   def __init__(self, dec, kv_width: int):
     super().__init__()
@@ -104,7 +106,11 @@ class TriplaneDecoder(nn.Module):
     )
     self.norm = nn.LayerNorm(dec.width, 1e-6)
     chans = [dec.width, *dec.up_channels]
-    self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in itertools.pairwise(chans))
+    self.shuffle = dec.get('upsample', 'bilinear') == 'shuffle'
+    k = 4 if self.shuffle else 1
+    self.convs = nn.ModuleList(
+      nn.Conv2d(a, k * b, 3, padding=1) for a, b in itertools.pairwise(chans)
+    )
     self.to_planes = nn.Conv2d(chans[-1], dec.plane_channels, 1)
 
   def forward(self, h):
@@ -114,7 +120,10 @@ class TriplaneDecoder(nn.Module):
       x = block(x, h)
     x = self.norm(x).reshape(b * 3, l, l, self.width).permute(0, 3, 1, 2)
     for conv in self.convs:
-      x = F.gelu(conv(F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=False)))
+      if self.shuffle:
+        x = F.gelu(F.pixel_shuffle(conv(x), 2))
+      else:
+        x = F.gelu(conv(F.interpolate(x, scale_factor=2, mode='bilinear', align_corners=False)))
     x = self.to_planes(x)
     return x.reshape(b, 3, *x.shape[1:])
 
