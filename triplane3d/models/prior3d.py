@@ -13,6 +13,7 @@ Shapes: images (B, S, S, 3) ImageNet-normalised; h (B, 1 + N, L·D) with N patch
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -87,6 +88,17 @@ class Prior3D:
       return x
     return jax.lax.with_sharding_constraint(x, self.act_sharding)
 
+  def _batch_shards(self, batch: int) -> int:
+    """Slices the batch axis of (batch, ...) activations is split into over devices, for
+    `render.render_batch` (1 when unsharded, or when the batch does not split evenly, as a
+    held-out set may not: it then renders as one slice)."""
+    if self.act_sharding is None or not self.act_sharding.spec:
+      return 1
+    axes = self.act_sharding.spec[0] or ()
+    axes = (axes,) if isinstance(axes, str) else axes
+    shards = math.prod(self.act_sharding.mesh.shape[a] for a in axes)
+    return shards if batch % shards == 0 else 1
+
   @property
   def num_tokens(self) -> int:
     return 1 + (self.img_size // self.backbone.patch_size) ** 2
@@ -138,7 +150,14 @@ class Prior3D:
       return {'rgb': take(rgb, idx), 'depth': take(depth, idx), 'ray_indices': idx}
     planes = self.decoder.apply({'params': params['decoder']}, h)
     planes = self._constrain(planes)
-    out = render.render_batch(planes, params['mlp'], key, decode_fn=point_mlp, options=opts)
+    out = render.render_batch(
+      planes,
+      params['mlp'],
+      key,
+      decode_fn=point_mlp,
+      options=opts,
+      batch_shards=self._batch_shards(planes.shape[0]),
+    )
     return {
       'rgb': out.rgb,
       'depth': out.depth,

@@ -1,4 +1,4 @@
-"""The volume renderer for one image (EG3D semantics, docs/method.md), vmappable over a batch.
+"""The volume renderer (EG3D semantics, docs/method.md): one image, or a batch in chunks.
 
 Per ray: stratified coarse depths with jitter → triplane lookup (mean of the three planes) →
 point decoder → coarse march → importance sampling (no gradient through the positions) →
@@ -10,9 +10,11 @@ flow to both the planes and the decoder parameters.
 
 Memory: rays are rendered in chunks of `chunk` rays under `jax.lax.map` with each chunk
 rematerialised (`jax.checkpoint`), so the backward pass holds one chunk's activations at a
-time. The random draws of a ray (coarse jitter, importance draws) are keyed by its pixel
-index, so a pixel's output does not depend on the chunk size nor on which other rays are
-rendered with it (a random subset renders exactly what the full image shows there).
+time; `render_batch` keeps that bound for a whole batch (a step renders at most `chunk` rays,
+not `chunk` rays of every image as under `vmap`). The random draws of a ray (coarse jitter,
+importance draws) are keyed by its pixel index, so a pixel's output does not depend on the
+chunk size nor on which other rays are rendered with it (a random subset renders exactly
+what the full image shows there).
 
 Key for shape suffixes: n rays, k samples per ray, c channels, h/w image rows/columns.
 """
@@ -214,6 +216,33 @@ def clip_to_scene(depth: jax.Array, near: float, far: float) -> jax.Array:
   return depth + jax.lax.stop_gradient(jnp.clip(depth, near, far) - depth)
 
 
+def _render_pixels(
+  planes, mlp_params, k_draws, ray_indices, origins_r3, dirs_r3, *, decode_fn, options
+):
+  """Renders the pixels `ray_indices` (n,): their rays from the (R², 3) tables, their draws
+  keyed by pixel index. → `render_rays`' tuple.
+
+  Everything per ray is derived from the indices here, so a rematerialised chunk keeps only
+  its (n,) indices for the backward pass, not its rays and draws.
+  """
+  # Draws keyed by pixel index: a pixel renders the same whether it is rendered alone, in a
+  # random subset or in the full image, and whatever the chunk size or batch.
+  draws = jax.vmap(
+    lambda i: jax.random.uniform(jax.random.fold_in(k_draws, i), (options.num_samples,))
+  )(ray_indices).astype(planes.dtype)
+  jitter, u = draws[:, : options.num_coarse], draws[:, options.num_coarse :]
+  return render_rays(
+    planes,
+    mlp_params,
+    origins_r3[ray_indices],
+    dirs_r3[ray_indices],
+    jitter,
+    u,
+    decode_fn=decode_fn,
+    options=options,
+  )
+
+
 def render_image(
   planes: jax.Array,
   mlp_params: Any,
@@ -247,33 +276,23 @@ def render_image(
   ray_indices = ray_indices.astype(jnp.int32)
   n = ray_indices.shape[0]
   origins, dirs = ray_table(options.camera, options.resolution) if rays is None else rays
-  origins = jnp.asarray(origins, planes.dtype)[ray_indices]
-  dirs = jnp.asarray(dirs, planes.dtype)[ray_indices]
-  # Draws keyed by pixel index: a pixel renders the same whether it is rendered alone, in a
-  # random subset or in the full image, and whatever the chunk size.
-  draws = jax.vmap(
-    lambda i: jax.random.uniform(jax.random.fold_in(k_draws, i), (options.num_samples,))
-  )(ray_indices).astype(planes.dtype)
-  jitter, u = draws[:, : options.num_coarse], draws[:, options.num_coarse :]
-  inputs = (origins, dirs, jitter, u)
-  body = functools.partial(render_rays, decode_fn=decode_fn, options=options)
+  tables = (jnp.asarray(origins, planes.dtype), jnp.asarray(dirs, planes.dtype))
+  body = functools.partial(_render_pixels, decode_fn=decode_fn, options=options)
 
   chunk = options.chunk
   if not chunk or chunk >= n:
-    outputs = body(planes, mlp_params, *inputs)
+    outputs = body(planes, mlp_params, k_draws, ray_indices, *tables)
   else:
     num_chunks = -(-n // chunk)
     pad = num_chunks * chunk - n
     # Padded rays repeat ray 0 (a valid ray); their outputs are dropped below.
-    inputs = tuple(
-      jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad, *x.shape[1:]))]).reshape(
-        num_chunks, chunk, *x.shape[1:]
-      )
-      for x in inputs
-    )
+    chunks = jnp.concatenate([ray_indices, jnp.broadcast_to(ray_indices[:1], (pad,))])
     # prevent_cse=False is safe (and faster) inside a scan-like loop.
     remat_body = jax.checkpoint(body, prevent_cse=False)
-    outputs = jax.lax.map(lambda xs: remat_body(planes, mlp_params, *xs), inputs)
+    outputs = jax.lax.map(
+      lambda idx: remat_body(planes, mlp_params, k_draws, idx, *tables),
+      chunks.reshape(num_chunks, chunk),
+    )
     outputs = tuple(y.reshape(num_chunks * chunk, *y.shape[2:])[:n] for y in outputs)
   rgb, depth, opacity, densities = outputs
   return RenderOutput(rgb, depth, opacity, densities, ray_indices)
@@ -286,16 +305,55 @@ def render_batch(
   *,
   decode_fn: DecodeFn,
   options: RenderOptions,
+  batch_shards: int = 1,
 ) -> RenderOutput:
-  """`render_image` vmapped over planes (B, 3, H, W, C), one key per image.
+  """`render_image` over planes (B, 3, H, W, C), one key per image, `options.chunk` rays at a
+  time per batch shard.
 
   `key`: the images' keys (B,), or one key, split into B (image i draws with
   `jax.random.split(key, B)[i]`). Per-image keys let an image draw the same rays whatever
   batch it is rendered in (gradient accumulation splits batches).
 
+  `batch_shards`: how many contiguous slices of B the batch axis is split into over devices
+  (data × fsdp; 1 unsharded). Each step renders the same slot of every slice side by side,
+  so every device renders its own images and the loop over a slice's b = B / batch_shards
+  images stays within the device (a loop over the global batch axis would gather the planes
+  onto every device). B must be a multiple of it.
+
+  Memory: the render's working set does not grow with B. With n rays per image, chunk < n
+  renders a slice's images one after another (`lax.map`), each in rematerialised chunks
+  (`render_image`); chunk >= n renders up to chunk // n whole images per slice and
+  rematerialised step. What stays per image is its planes (float32 while rendering), its (n,)
+  pixel indices and the per-ray outputs. `chunk=0` (or chunk >= b·n) renders every ray at
+  once. Either way every image renders exactly what `render_image` renders for it.
+
   Returns a `RenderOutput` whose fields gain a leading batch axis B.
   """
   per_image = jax.random.key_data(key).ndim > 1  # Typed (B,) keys, or raw (B, 2).
-  keys = key if per_image else jax.random.split(key, planes_b.shape[0])
+  num_images = planes_b.shape[0]
+  keys = key if per_image else jax.random.split(key, num_images)
+  if batch_shards < 1 or num_images % batch_shards:
+    raise ValueError(
+      f'render_batch: the batch of {num_images} images does not split into batch_shards='
+      f'{batch_shards} equal slices; pass a divisor of the batch (the data × fsdp devices).'
+    )
+  b = num_images // batch_shards
   render = functools.partial(render_image, decode_fn=decode_fn, options=options)
-  return jax.vmap(render, in_axes=(0, None, 0))(planes_b, mlp_params, keys)
+  # One step renders one image (or a group of images) of every slice: (slices, ...).
+  step = jax.vmap(lambda planes, k: render(planes, mlp_params, k))
+  n = options.rays_per_image or options.resolution**2
+  chunk = options.chunk
+  if not chunk or chunk >= b * n:
+    return step(planes_b, keys)
+  # (B, ...) → (b, slices, ...): slot i of every slice; the sharded axis stays unlooped.
+  to_slots = lambda x: jnp.swapaxes(x.reshape(batch_shards, b, *x.shape[1:]), 0, 1)  # noqa: E731
+  xs = (to_slots(planes_b), to_slots(keys))
+  if chunk < n:
+    out = jax.lax.map(lambda x: step(*x), xs)
+  else:
+    # Whole images per step: as few steps as chunk // n images per step allow, the images
+    # spread evenly over them (lax.map renders a remainder in a last, smaller vmapped step).
+    steps = -(-b // (chunk // n))
+    remat_step = jax.checkpoint(lambda x: step(*x), prevent_cse=False)
+    out = jax.lax.map(remat_step, xs, batch_size=-(-b // steps))
+  return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(num_images, *y.shape[2:]), out)
