@@ -59,8 +59,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.plane_space = 'box'
   c.render.white_background = False
   c.render.mlp_hidden = 64
-  # Rays per rematerialised chunk: 146 MiB of temporaries for fwd+bwd of one 256² image at
-  # 16 + 16 samples and C = 32 (8192: 272 MiB); 0 renders all rays at once (2 GiB).
+  # Rays per rematerialised chunk, per device whatever its batch (render.render_batch): 146 MiB
+  # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
+  # 0 renders all rays of all images at once (2 GiB per image).
   c.render.chunk = 4096
   c.render.rays_per_image = 0  # > 0: train on a random subset of rays per image.
   c.render.pdf_search = 'mask'  # 'mask' (TPU-friendly) or 'searchsorted'.

@@ -51,7 +51,8 @@ class RenderOptions:
     plane_space: 'box' (EG3D: planes span the world box) or 'frustum' (planes span the
       camera's image coordinates and ray distance: `Camera.frustum_to_box`).
     white_background: composite onto white instead of black.
-    chunk: rays per rematerialised chunk; 0 renders all rays at once (no remat).
+    chunk: rays per rematerialised chunk (per device, across a batch: `render_batch`); 0
+      renders all rays at once (no remat).
     rays_per_image: > 0: render only this many random rays per image (training).
     pdf_search: 'mask' or 'searchsorted' (see pdf.py).
     camera: the fixed camera (sample range, box and rays come from it).
