@@ -24,6 +24,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.model.img_size = 224
   c.model.dtype = 'bfloat16'  # Computation dtype; parameters stay float32.
   c.model.remat = True  # Rematerialise each block in the backward pass.
+  # What a rematerialised block keeps: 'full' (nothing, recompute it all) or 'dots' (keep the
+  # matmul outputs, recompute the rest; more memory, fewer FLOPs). docs/performance.md.
+  c.model.remat_policy = 'full'
   c.model.drop_path_rate = 0.0
   c.model.num_layers_h = 4  # h = normed cls + patch tokens of the last N blocks.
 
@@ -39,6 +42,9 @@ def get_base_config() -> mlc.ConfigDict:
   # the channels at the lower resolution → depth-to-space; same FLOPs; models/layers.py).
   c.decoder.upsample = 'bilinear'
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
+  # Rematerialise the upsampling blocks (recompute them in the backward pass): the same
+  # numbers for less memory per image (docs/performance.md, "Optimisations").
+  c.decoder.remat = False
   # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
   c.decoder.dtype = 'bfloat16'
   # 'camera': the cross-attention starts local, each plane cell attending to the patches it

@@ -40,6 +40,8 @@ RESUMABLE = frozenset({
   'mesh.data',  # The device layout: the same maths up to float reduction order.
   'mesh.fsdp',
   'model.remat',  # Memory for compute: the same numbers.
+  'model.remat_policy',
+  'decoder.remat',
   'render.chunk',
   # Micro-batches of the same global batch: each image draws the same rays whatever k (the
   # rays are keyed per image), so only the float summation order changes.

@@ -178,3 +178,29 @@ def test_every_param_has_logical_axes():
   leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: hasattr(x, 'names'))
   assert leaves and all(hasattr(leaf, 'names') for leaf in leaves)
   assert all(len(leaf.names) == leaf.value.ndim for leaf in leaves)
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_remat_policies_keep_outputs_and_gradients(policy):
+  """model.remat_policy only changes what the backward pass keeps, not the numbers."""
+  plain = vit.create('vit_tiny14')
+  params = vit.init_params(plain, jax.random.key(1), 56)
+  rematted = vit.create('vit_tiny14', remat=True, remat_policy=policy)
+  x = jnp.asarray(_images(56, 56))
+
+  def loss(model):
+    return lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x)['x_norm_patchtokens']))
+
+  np.testing.assert_allclose(jax.jit(loss(rematted))(params), jax.jit(loss(plain))(params), 1e-6)
+  g = jax.jit(jax.grad(loss(plain)))(params)
+  g_remat = jax.jit(jax.grad(loss(rematted)))(params)
+  # Recomputation may fuse differently: float32 summation order, relative to each array's scale.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.abs(b).max())), g_remat, g
+  )
+  assert 'remat' in str(jax.make_jaxpr(jax.grad(loss(rematted)))(params))
+
+
+def test_unknown_remat_policy_is_refused():
+  with pytest.raises(ValueError, match='remat_policy'):
+    vit.init_params(vit.create('vit_tiny14', remat=True, remat_policy='dot'), jax.random.key(0), 56)

@@ -46,6 +46,7 @@ class Prior3D:
       m.variant,
       dtype=jnp.dtype(m.dtype),
       remat=m.remat,
+      remat_policy=str(m.get('remat_policy', 'full')),
       drop_path_rate=m.drop_path_rate,
       act_sharding=act_sharding,
     )

@@ -128,6 +128,17 @@ class CrossAttentionBlock(nn.Module):
     return x + dense(d, 'mlp', ('embed',), 'fc2', self.dtype)(y)
 
 
+def _upsample_to_planes(mdl: TriplaneDecoder, x):
+  """(3B, L, L, D_dec) → (3B, R, R, C): the upsampling blocks and the 1×1 projection.
+
+  A function of the module (not a submodule), so `nn.remat` can wrap it while the parameters
+  keep their names (`up{i}`, `to_planes`) directly under the decoder.
+  """
+  for i, ch in enumerate(mdl.up_channels):
+    x = UpsampleBlock(ch, mdl.dtype, mdl.upsample, name=f'up{i}')(x)
+  return conv(mdl.plane_channels, 1, 'to_planes', mdl.dtype)(x)
+
+
 class TriplaneDecoder(nn.Module):
   """h (B, 1 + N, E) → triplanes (B, 3, L·2^U, L·2^U, C), float32.
 
@@ -148,6 +159,9 @@ class TriplaneDecoder(nn.Module):
       background — beside the local patch the prior gives, so a cell can compare the two.
     plane_axes, plane_space: the renderer's plane order ('xyz' / 'eg3d') and space ('box' /
       'frustum'), for the prior.
+    remat: rematerialise the upsampling blocks and the plane projection in the backward pass
+      (`nn.remat`): only their (3B, L, L, D_dec) input is kept, the rest is recomputed. The
+      same numbers and the same parameter tree (docs/performance.md, "Optimisations").
   """
 
   width: int = 512
@@ -163,6 +177,7 @@ class TriplaneDecoder(nn.Module):
   prior_heads: int | None = None
   plane_axes: str = 'xyz'
   plane_space: str = 'box'
+  remat: bool = False
 
   @classmethod
   def from_config(cls, decoder_cfg: mlc.ConfigDict, **kw) -> TriplaneDecoder:
@@ -177,6 +192,7 @@ class TriplaneDecoder(nn.Module):
       upsample=check_upsample(decoder_cfg.upsample),
       plane_channels=int(decoder_cfg.plane_channels),
       dtype=jnp.dtype(decoder_cfg.dtype),
+      remat=bool(decoder_cfg.get('remat', False)),
       **kw,
     )
 
@@ -219,8 +235,7 @@ class TriplaneDecoder(nn.Module):
     x = layer_norm('norm', self.dtype)(x)
     # Planes fold into the batch: each is upsampled on its own, with shared weights.
     x = x.reshape(b * 3, l, l, self.width)
-    for i, ch in enumerate(self.up_channels):
-      x = UpsampleBlock(ch, self.dtype, self.upsample, name=f'up{i}')(x)
-    x = conv(self.plane_channels, 1, 'to_planes', self.dtype)(x)
+    upsample = nn.remat(_upsample_to_planes) if self.remat else _upsample_to_planes
+    x = upsample(self, x)
     r = self.plane_resolution
     return x.reshape(b, 3, r, r, self.plane_channels).astype(jnp.float32)

@@ -40,6 +40,22 @@ _SIZES = {
 }
 VARIANTS = tuple(_SIZES) + tuple(f'{k}_reg' for k in _SIZES)
 
+# What a rematerialised block saves for the backward pass (`model.remat_policy`). 'full':
+# nothing but its input, everything is recomputed. 'dots': the outputs of matmuls without batch
+# dimensions (qkv, attention output projection, MLP; not the attention logits), so only the
+# cheap element-wise work and the attention itself are recomputed.
+REMAT_POLICIES = {
+  'full': None,
+  'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy of a `model.remat_policy` name (see `REMAT_POLICIES`)."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'model.remat_policy must be one of {list(REMAT_POLICIES)}, got {name!r}.')
+  return REMAT_POLICIES[name]
+
 
 def _dense(features: int, names: tuple[str | None, str | None], dtype: Dtype, name: str):
   return nn.Dense(
@@ -168,6 +184,7 @@ class DinoViT(nn.Module):
   layerscale_init: float = 1e-5
   drop_path_rate: float = 0.0
   remat: bool = False
+  remat_policy: str = 'full'  # 'full': keep nothing; 'dots': keep matmul outputs (REMAT_POLICIES).
   dtype: Dtype = jnp.float32
   # Optional sharding of activations (B, ...) between blocks, e.g. the batch over data × fsdp;
   # keeps FSDP from trading batch sharding for weight-stationary layouts. None: no constraint.
@@ -197,7 +214,8 @@ class DinoViT(nn.Module):
     # Unused by 3D-Prior; kept so checkpoints round-trip with every key (DINOv2 masks iBOT
     # patches with it).
     self.mask_token = self.param('mask_token', tok(nn.initializers.zeros, (None, 'embed')), (1, d))
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+    policy = remat_policy(self.remat_policy)  # Checked even when unused: a typo fails early.
+    block_cls = nn.remat(Block, static_argnums=(2,), policy=policy) if self.remat else Block
     rates = [self.drop_path_rate * i / max(self.depth - 1, 1) for i in range(self.depth)]
     self.blocks = [
       block_cls(
