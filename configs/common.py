@@ -25,7 +25,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.model.dtype = 'bfloat16'  # Computation dtype; parameters stay float32.
   c.model.remat = True  # Rematerialise each block in the backward pass.
   # What a rematerialised block keeps: 'full' (nothing, recompute it all) or 'dots' (keep the
-  # matmul outputs, recompute the rest; more memory, fewer FLOPs). docs/performance.md.
+  # matmul outputs, recompute the rest: fewer FLOPs, but +41 MiB per image for ViT-B, so v5e no
+  # longer holds 128/chip; docs/performance.md, "Optimisations").
   c.model.remat_policy = 'full'
   c.model.drop_path_rate = 0.0
   c.model.num_layers_h = 4  # h = normed cls + patch tokens of the last N blocks.
@@ -42,8 +43,9 @@ def get_base_config() -> mlc.ConfigDict:
   # the channels at the lower resolution → depth-to-space; same FLOPs; models/layers.py).
   c.decoder.upsample = 'bilinear'
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
-  # Rematerialise the upsampling blocks (recompute them in the backward pass): the same
-  # numbers for less memory per image (docs/performance.md, "Optimisations").
+  # Rematerialise the upsampling blocks (recompute them in the backward pass): the same numbers,
+  # 0.8 GiB less at ViT-B 128/chip on v5e for +2 % FLOPs; off, as it does not raise the largest
+  # batch (docs/performance.md, "Optimisations").
   c.decoder.remat = False
   # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
   c.decoder.dtype = 'bfloat16'
