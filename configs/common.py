@@ -43,7 +43,8 @@ def get_base_config() -> mlc.ConfigDict:
   # the channels at the lower resolution → depth-to-space; same FLOPs; models/layers.py).
   c.decoder.upsample = 'bilinear'
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
-  # Rematerialise the upsampling blocks (recompute them in the backward pass): the same numbers,
+  # Rematerialise the triplane decoder's upsampling (recompute it in the backward pass; kind
+  # 'conv' ignores it): the same numbers,
   # 0.8 GiB less at ViT-B 128/chip on v5e for +2 % FLOPs; off, as it does not raise the largest
   # batch (docs/performance.md, "Optimisations").
   c.decoder.remat = False
