@@ -44,9 +44,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.decoder.upsample = 'bilinear'
   c.decoder.plane_channels = 32  # C: triplane feature channels (EG3D).
   # Rematerialise the triplane decoder's upsampling (recompute it in the backward pass; kind
-  # 'conv' ignores it): the same numbers,
-  # 0.8 GiB less at ViT-B 128/chip on v5e for +2 % FLOPs; off, as it does not raise the largest
-  # batch (docs/performance.md, "Optimisations").
+  # 'conv' ignores it): the same numbers, 0.8 GiB less at ViT-B 128/chip on v5e for +2 % FLOPs;
+  # off, as it does not raise the largest batch (docs/performance.md, "Optimisations").
   c.decoder.remat = False
   # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
   c.decoder.dtype = 'bfloat16'
