@@ -109,14 +109,21 @@ def test_accumulated_adam_step_equals_one_big_batch(data_dir):
       state, metrics = step(state, teacher, batch)
     results.append((state, {name: float(v) for name, v in metrics.items()}))
   (state1, metrics1), (state4, metrics4) = results
-  # Adam's first steps are ±lr per parameter, so float32 noise in near-zero gradients moves
-  # a parameter by up to ~lr·1e-2 (as in test_train's sharded = single-device test).
+  # Adam's first steps are ±lr per parameter whatever the gradient's size, so where a
+  # gradient component is at float32's noise level (summed in another order when split) its
+  # update is noise too, up to lr per step (seen: 1 of 37,632 patch-embedding weights moved
+  # 0.73·lr apart). The gradients themselves are compared exactly above; here every
+  # parameter must agree to lr·1e-1, apart from at most 1 in 10,000 per leaf, which must stay
+  # within the two steps' 2·lr. A wrong scale or a missing micro-batch moves far more.
+  lr = over['optim.lr']
   for (path, a), b in zip(
     jax.tree_util.tree_leaves_with_path(state4['params']),
     jax.tree.leaves(state1['params']),
     strict=True,
   ):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=str(path))
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    assert diff.max() <= 2 * lr, (path, diff.max())
+    assert np.sum(diff > 0.1 * lr) <= max(1, diff.size // 10_000), (path, np.sum(diff > 0.1 * lr))
   _assert_metrics_equal(metrics4, metrics1)
 
 
