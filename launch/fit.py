@@ -354,10 +354,9 @@ def main(argv: list[str]) -> None:
 def _define_flags() -> None:
   from absl import flags
 
-  import triplane3d.configs
   from triplane3d import run_config
 
-  vitb = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'vitb.py')
+  vitb = run_config.config_file('vitb.py')
   run_config.define_config_flag(vitb, 'Experiment config file.')
   flags.DEFINE_string('topology', 'v5e:2x2', 'TPU topology, e.g. v5e:2x2, v4:2x2x1, v6e:2x4.')
   flags.DEFINE_integer('batch_per_chip', 8, 'Images per chip (global batch = this × chips).')

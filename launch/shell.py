@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-import triplane3d.configs
+from triplane3d import run_config
 
 
 class LaunchError(ValueError):
@@ -127,7 +127,7 @@ def check_config(config: str, allow_paths: bool = False) -> str:
       raise LaunchError(f'--config={config!r}: no such file')
     return config
   head, name = os.path.split(os.path.normpath(path))
-  installed = os.path.join(os.path.dirname(triplane3d.configs.__file__), name)
+  installed = run_config.config_file(name)
   if head != 'configs' or not name.endswith('.py') or not os.path.isfile(installed):
     raise LaunchError(
       f'--config={config!r}: workers only see the configs installed with the package; pass '

@@ -457,14 +457,12 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-  import os
 
   from absl import flags
 
-  import triplane3d.configs
   from triplane3d import run_config
 
-  demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+  demo = run_config.config_file('demo.py')
   run_config.define_config_flag(demo, 'Experiment config file.')
   flags.DEFINE_enum('mode', 'step', ['step', 'data'], 'Time the train step or the pipeline.')
   flags.DEFINE_integer('steps', 10, 'Timed steps (batches in --mode=data).')

@@ -16,10 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import triplane3d.configs
 from triplane3d import console, run_config
 
-_DEMO = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+_DEMO = run_config.config_file('demo.py')
 if __name__ == '__main__' and (_error := run_config.unknown_override(sys.argv, _DEMO)):
   # Before the flag below is defined: ml_collections would raise `AttributeError: "'foo'"`.
   sys.exit(f'error: {_error}')

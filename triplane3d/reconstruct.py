@@ -326,10 +326,9 @@ def main(argv) -> int:
 
 def _define_flags() -> None:
   """Only when run as a program, so that importing this module defines no flags."""
-  import triplane3d.configs
   from triplane3d import run_config
 
-  demo = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'demo.py')
+  demo = run_config.config_file('demo.py')
   run_config.define_config_flag(
     demo,
     'The config file the run was trained with, followed by the same --config.x=y overrides. '

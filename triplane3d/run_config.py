@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import re
 import sys
 import time
@@ -266,6 +267,14 @@ def unknown_field(config: mlc.ConfigDict, path: str) -> str | None:
     node = node[part]
     walked.append(part)
   return None
+
+
+def config_file(*parts: str) -> str:
+  """The path of a config file installed with the package, e.g. `config_file('demo.py')` or
+  `config_file('eval', 'synthetic.py')` (configs/ is the package `triplane3d.configs`)."""
+  import triplane3d.configs
+
+  return os.path.join(os.path.dirname(triplane3d.configs.__file__), *parts)
 
 
 def define_config_flag(default_config: str, help_text: str) -> Any:

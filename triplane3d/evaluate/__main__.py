@@ -17,15 +17,14 @@ reported (exit status 1) before any work starts.
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-import triplane3d.configs
+from triplane3d import run_config
 
-_SYNTHETIC = os.path.join(os.path.dirname(triplane3d.configs.__file__), 'eval', 'synthetic.py')
+_SYNTHETIC = run_config.config_file('eval', 'synthetic.py')
 
 
 def main(argv) -> int:
@@ -62,8 +61,6 @@ def main(argv) -> int:
 
 def _define_flags() -> None:
   """Only when run as a program, so that importing this module defines no flags."""
-  from triplane3d import run_config
-
   if error := run_config.unknown_override(sys.argv, _SYNTHETIC):
     sys.exit(f'error: {error}'.replace('configs/common.py', 'configs/eval/common.py'))
   config_flags.DEFINE_config_file(
