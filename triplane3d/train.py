@@ -10,6 +10,7 @@ render/ and losses.py. `run(config, workdir)` is what `python -m triplane3d.main
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,7 +38,7 @@ from triplane3d import (
   sharding,
   summaries,
 )
-from triplane3d.data import pipeline
+from triplane3d.data import pipeline, prefetch
 from triplane3d.evaluate import reconstruction
 from triplane3d.models.prior3d import Prior3D, unbox
 
@@ -333,7 +334,12 @@ def run(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = Fal
   # 2. Data, prepared once: this host's share, checkpointable; the examples drawn in grids.
   data = pipeline.prepare(config)
   block = sharding.host_block(mesh, config.train.batch_size)
-  data_iter = pipeline.create(config, data, block=block)
+  # Yields global, sharded batches, `data.device_prefetch` of them placed ahead of the step.
+  data_iter = prefetch.DevicePrefetch(
+    pipeline.create(config, data, block=block),
+    lambda b: sharding.to_global(b, mesh),
+    config.data.device_prefetch,
+  )
   vis = _grid_examples(config, data, mesh, block)
 
   # 3. Model, optimiser, abstract state, shardings; the jitted step.
@@ -347,7 +353,7 @@ def run(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = Fal
   # Multi-host preemption agreement is a (tiny) blocking collective: not every step.
   guard = preemption.PreemptionGuard(sync_every_steps=config.train.preempt_sync_every_steps)
   writer = summaries.Writer(workdir)
-  with ckpt, guard:
+  with ckpt, guard, contextlib.closing(data_iter):  # Closing stops the prefetch thread.
     try:
       # 4. Init or restore. The teacher is never checkpointed: it is re-created from its source.
       state, teacher, start = _init_or_restore(setup, config, ckpt, data_iter, k_init)
@@ -573,7 +579,7 @@ def _loop(
     meter.restart_clock()
     step = start
     while step < setup.num_steps:
-      batch = sharding.to_global(next(ctx.data_iter), setup.mesh)
+      batch = next(ctx.data_iter)  # Global and sharded already (`prefetch`).
       state, metrics = step_fn(state, batch)
       step += 1
       meter.add(step, metrics, first=step == start + 1)
