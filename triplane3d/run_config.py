@@ -32,6 +32,7 @@ RESUMABLE = frozenset({
   'workdir',  # The run may have moved.
   'data.data_dir',  # Where the same data lives.
   'data.prefetch',  # Buffering only; the batch order does not depend on it.
+  'data.device_prefetch',  # Likewise; checkpoints keep the consumed position.
   'train.log_every_steps',
   'train.image_every_steps',
   'train.ckpt_every_steps',
