@@ -6,7 +6,7 @@ import jax.test_util
 import numpy as np
 import pytest
 
-from triplane3d.render.marching import raymarch
+from triplane3d.render.marching import raymarch, softplus
 
 
 def ref_raymarch(colors, densities, depths, white_background=False):
@@ -142,3 +142,15 @@ def test_empty_rays_render_far_without_gradient():
   depth_of = lambda r: raymarch(jnp.full((6, 3), 0.5), r[:, None], depths)[1].sum()  # noqa: E731
   assert float(depth_of(raws)) == 2.5
   np.testing.assert_array_equal(np.asarray(jax.grad(depth_of)(raws)), 0.0)
+
+
+def test_softplus_values_and_derivative():
+  """Forward bit for bit `jax.nn.softplus` in float32; derivative the float64 sigmoid, at the
+  tails too (where 1 + exp(x) overflows or underflows)."""
+  x = np.concatenate([np.linspace(-120, 120, 2001), [-1e4, -200.0, 0.0, 200.0, 1e4]])
+  x32 = jnp.asarray(x, jnp.float32)
+  np.testing.assert_array_equal(softplus(x32), jax.nn.softplus(x32))
+  assert np.isfinite(np.asarray(jax.grad(lambda v: jnp.sum(softplus(v)))(x32))).all()
+  with jax.enable_x64():
+    got = jax.vmap(jax.grad(softplus))(jnp.asarray(x))
+  np.testing.assert_allclose(got, np.exp(-np.logaddexp(0.0, -x)), rtol=1e-13, atol=0)

@@ -37,6 +37,7 @@ from triplane3d.models.layers import (
   layer_norm,
   partitioned,
 )
+from triplane3d.render import marching
 from triplane3d.render.camera import Camera
 
 
@@ -54,7 +55,7 @@ def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
   """
   hid, out = params['hidden'], params['out']
   x = jnp.dot(feats_nc.astype(dtype), hid['kernel'].astype(dtype)) + hid['bias'].astype(dtype)
-  x = jax.nn.softplus(x)
+  x = marching.softplus(x)
   x = jnp.dot(x, out['kernel'].astype(dtype)) + out['bias'].astype(dtype)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 → float32.
   rgb = jax.nn.sigmoid(x[:, 1:]) * (1 + 2 * 0.001) - 0.001

@@ -17,9 +17,29 @@ import jax.numpy as jnp
 _MIN_TOTAL_FOR_GRAD = 1e-12
 
 
+@jax.custom_jvp
+def softplus(x: jax.Array) -> jax.Array:
+  """log(1 + exp(x)), any shape: `jax.nn.softplus`'s forward values, bit for bit, for finite x.
+
+  Why not `jax.nn.softplus`: it is `logaddexp(x, 0)`, whose NaN/inf selects and derivative
+  exp(x − softplus(x)) (a second exp) cost XLA:CPU 17 + 13 ms forward + backward on the
+  (65536, 64) point-MLP activations of one ray chunk; this one takes 10 + 3 ms: the derivative
+  sigmoid(x) reuses the forward's exp(−|x|).
+  """
+  return jnp.maximum(x, 0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@softplus.defjvp
+def _softplus_jvp(primals, tangents):
+  (x,), (dx,) = primals, tangents
+  e = jnp.exp(-jnp.abs(x))
+  sigmoid = jnp.where(x >= 0, 1.0, e) / (1.0 + e)
+  return jnp.maximum(x, 0) + jnp.log1p(e), sigmoid.astype(dx.dtype) * dx
+
+
 def activate_density(raw: jax.Array) -> jax.Array:
   """The density activation of EG3D's marcher: softplus(raw - 1). Any shape."""
-  return jax.nn.softplus(raw - 1.0)
+  return softplus(raw - 1.0)
 
 
 def raymarch(

@@ -107,7 +107,19 @@ def _mean_lookup(planes: jax.Array, coords_np2: jax.Array) -> jax.Array:
     wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
     return out + wj[:, None] * jnp.take(flat, tap, axis=0)
 
-  return jax.lax.fori_loop(0, 12, add_tap, jnp.zeros((coords_np2.shape[0], c), planes.dtype))
+  zeros = jnp.zeros((coords_np2.shape[0], c), planes.dtype)
+
+  def unrolled():
+    # XLA:CPU fuses the 12 gathers and the sum into one pass over the (n, C) output: 3× faster
+    # than the loop, which reads and writes the accumulator once per tap (docs/performance.md).
+    out = zeros
+    for j in range(12):
+      out = add_tap(j, out)
+    return out
+
+  # Elsewhere the loop stays: accelerators may materialise each gathered (n, C) tap.
+  looped = lambda: jax.lax.fori_loop(0, 12, add_tap, zeros)  # noqa: E731
+  return jax.lax.platform_dependent(cpu=unrolled, default=looped)
 
 
 def _mean_lookup_fwd(planes, coords_np2):

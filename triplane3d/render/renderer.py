@@ -340,8 +340,16 @@ def render_batch(
     )
   b = num_images // batch_shards
   render = functools.partial(render_image, decode_fn=decode_fn, options=options)
-  # One step renders one image (or a group of images) of every slice: (slices, ...).
-  step = jax.vmap(lambda planes, k: render(planes, mlp_params, k))
+  one = lambda planes, k: render(planes, mlp_params, k)  # noqa: E731
+
+  def step(planes, k):
+    """One step renders one image (or a group of images) of every slice: (slices, ...)."""
+    if planes.shape[0] > 1:
+      return jax.vmap(one)(planes, k)
+    # A size-1 vmap would leave size-1 batch axes on the point MLP's matmuls, which XLA:CPU
+    # then runs outside its fast matmul library (docs/performance.md, Optimisations).
+    return jax.tree.map(lambda y: y[None], one(planes[0], k[0]))
+
   n = options.rays_per_image or options.resolution**2
   chunk = options.chunk
   if not chunk or chunk >= b * n:
@@ -356,5 +364,6 @@ def render_batch(
     # spread evenly over them (lax.map renders a remainder in a last, smaller vmapped step).
     steps = -(-b // (chunk // n))
     remat_step = jax.checkpoint(lambda x: step(*x), prevent_cse=False)
-    out = jax.lax.map(remat_step, xs, batch_size=-(-b // steps))
+    group = -(-b // steps)
+    out = jax.lax.map(remat_step, xs, batch_size=group if group > 1 else None)
   return jax.tree.map(lambda y: jnp.swapaxes(y, 0, 1).reshape(num_images, *y.shape[2:]), out)
