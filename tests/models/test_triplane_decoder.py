@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from triplane3d.configs import common, demo
-from triplane3d.models.layers import UpsampleBlock
+from triplane3d.models.layers import UpsampleBlock, upsample2x_bilinear
 from triplane3d.models.triplane import CrossAttentionBlock, PointMLP, TriplaneDecoder, point_mlp
 
 VOCAB = {'embed', 'mlp', 'heads', 'kv', 'channels', 'conv_in', 'spatial', 'tokens', None}
@@ -112,6 +112,22 @@ def test_upsample_block_matches_torch():
   want = torch.nn.functional.gelu(t).permute(0, 2, 3, 1).numpy()
   assert got.shape == (2, 8, 10, 6)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 4, 5, 3), (1, 1, 3, 2), (1, 2, 1, 1)])
+def test_upsample_stencil_and_its_adjoint_match_torch_interpolate(shape):
+  """The ×2 stencil and its hand-written backward pass equal torch's bilinear interpolate
+  (align_corners=False) and its autograd, in float64, including 1- and 2-pixel sides."""
+  rng = np.random.default_rng(5)
+  x, ct = rng.normal(size=shape), rng.normal(size=(shape[0], 2 * shape[1], 2 * shape[2], shape[3]))
+  with jax.enable_x64():
+    got, vjp = jax.vjp(upsample2x_bilinear, jnp.asarray(x))
+    (got_grad,) = vjp(jnp.asarray(ct))
+  t = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_()
+  want = torch.nn.functional.interpolate(t, scale_factor=2, mode='bilinear', align_corners=False)
+  (want_grad,) = torch.autograd.grad(want, t, torch.from_numpy(ct).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(got, want.detach().permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(got_grad, want_grad.permute(0, 2, 3, 1).numpy(), rtol=0, atol=1e-12)
 
 
 def test_shuffle_upsample_block_matches_torch_pixel_shuffle():
