@@ -97,7 +97,7 @@ def upsample2x_bilinear(x_nhwc: jax.Array) -> jax.Array:
   `dot_general`, whose transposes cost XLA:CPU a quarter of a second per ViT-S/14 CPU step
   (docs/performance.md, Optimisations); the stencil and its hand-written adjoint are
   elementwise and fuse (autodiff of the stencil's concatenates and stack does not fuse as
-  well, so the backward pass is written out).
+  well, so the backward pass is written out). `UpsampleBlock` uses it on CPU.
   """
   return _up2(_up2(x_nhwc, 1), 2)
 
@@ -147,5 +147,8 @@ class UpsampleBlock(nn.Module):
       y = y.reshape(n, h, w, self.features, 2, 2).transpose(0, 1, 4, 2, 5, 3)
       return nn.gelu(y.reshape(n, 2 * h, 2 * w, self.features), approximate=False)
     check_upsample(self.mode)
-    x = upsample2x_bilinear(x)
+    # The stencil on CPU only: on TPU the paper step's fit was measured with `jax.image.resize`
+    # (docs/performance.md), and the v5e 128/chip fit has 0.01 GiB to spare.
+    resize = lambda x: jax.image.resize(x, (n, 2 * h, 2 * w, x.shape[-1]), 'bilinear')  # noqa: E731
+    x = jax.lax.platform_dependent(x, cpu=upsample2x_bilinear, default=resize)
     return nn.gelu(conv(self.features, 3, 'conv', self.dtype)(x), approximate=False)
