@@ -11,6 +11,7 @@ def tiny_config(data_dir: str, **overrides):
   `overrides` are dotted field paths: tiny_config(d, **{'mesh.fsdp': 2}).
   """
   c = demo.get_config()
+  c.model.init_from = ''  # Random initialisation: no file to read, and any size works.
   c.model.img_size = 28
   c.decoder.width = 32
   c.decoder.num_heads = 2

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from triplane3d import render
+from triplane3d import convert, render
 from triplane3d.data import pipeline, synthetic
 from triplane3d.render.camera import Camera
 
@@ -151,6 +151,9 @@ def overfit_scene(
   model = setup.model
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
   state = jax.jit(setup.init_state)(k_init)
+  if config.model.init_from:  # As train.run: the backbone, and so the teacher, start from it.
+    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
+    state['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded)
   teacher = state['params']['backbone'] if setup.use_teacher else {}
   step_fn = jax.jit(train.make_train_step(setup, config, k_train))
   render = jax.jit(lambda p, x: render_full(model, p, x))

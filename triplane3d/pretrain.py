@@ -1,0 +1,161 @@
+"""Supervised pretraining of a small ViT on synthetic scenes: the demo's stand-in for DINOv2.
+
+  python -m triplane3d.pretrain --out=configs/weights/vit_tiny14_synthetic.safetensors
+
+3D-Prior fine-tunes a *pretrained* DINOv2. The demo cannot download one, and a randomly
+initialised tiny ViT learns where the objects are too slowly for a demo's budget
+(docs/reconstruction.md). This trains the backbone to name the shape of the main object in
+synthetic scenes (`triplane3d.data.synthetic`, generator seeds disjoint from the demo's
+training and held-out scenes), through a linear head on the class token and the mean patch
+token that is then thrown away. It writes the backbone in DINOv2's official key format
+(`convert.save_dinov2`), so `model.init_from` loads it like a released checkpoint (and, with
+distillation, it is the frozen teacher), and beside it `<out>.json`: how it was made and its
+accuracy on validation scenes of yet another seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from triplane3d import convert
+from triplane3d.configs import common
+from triplane3d.data import synthetic, transforms
+from triplane3d.models import vit
+from triplane3d.render.camera import Camera
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  variant: str = 'vit_tiny14'
+  img_size: int = 112
+  texture_mode: str = 'class'  # As the demo's scenes: each shape has its own texture.
+  num_scenes: int = 16384
+  num_val: int = 1024
+  scene_seed: int = 1001  # The demo trains on seed 0 (config.seed): other scenes.
+  val_seed: int = 1002
+  steps: int = 6000
+  batch_size: int = 64
+  lr: float = 1e-3
+  warmup_steps: int = 300
+  weight_decay: float = 0.05
+  seed: int = 0
+  log_every: int = 500
+
+
+def scenes(seed: int, n: int, img_size: int, texture_mode: str) -> tuple[np.ndarray, np.ndarray]:
+  """Scenes 0..n-1 of generator seed `seed`: images uint8 (n, S, S, 3), shape labels (n,)."""
+  camera = Camera.from_config(common.get_base_config().camera)
+  images = np.empty((n, img_size, img_size, 3), np.uint8)
+  labels = np.empty((n,), np.int32)
+  for i in range(n):
+    scene = synthetic.sample_scene(i, seed, texture_mode=texture_mode)
+    images[i] = synthetic.render(scene, camera, img_size)[0]
+    labels[i] = scene['labels']['label']
+  return images, labels
+
+
+class Classifier(nn.Module):
+  """The backbone (parameters under 'backbone') and a linear head on [class, mean patch]."""
+
+  variant: str
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x_bhwc):
+    f = vit.create(self.variant, name='backbone')(x_bhwc)
+    z = jnp.concatenate([f['x_norm_clstoken'], f['x_norm_patchtokens'].mean(1)], -1)
+    return nn.Dense(self.num_classes, name='head')(z)
+
+
+def train(o: Options) -> tuple[dict, list[dict]]:
+  """Trains the classifier; returns (backbone params, history of {step, loss, val_accuracy})."""
+  t0 = time.time()
+  x_train, y_train = scenes(o.scene_seed, o.num_scenes, o.img_size, o.texture_mode)
+  x_val, y_val = scenes(o.val_seed, o.num_val, o.img_size, o.texture_mode)
+  logging.info('pretrain: %d + %d scenes in %.0f s', o.num_scenes, o.num_val, time.time() - t0)
+  model = Classifier(o.variant, len(synthetic.SHAPES))
+  x0 = jnp.zeros((1, o.img_size, o.img_size, 3))
+  params = nn.meta.unbox(model.init(jax.random.key(o.seed), x0)['params'])
+  sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.steps)
+  tx = optax.adamw(sched, weight_decay=o.weight_decay)
+  opt_state = tx.init(params)
+
+  def loss_fn(p, x, y):
+    logits = model.apply({'params': p}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def step(p, s, x, y):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  predict = jax.jit(lambda p, x: model.apply({'params': p}, x).argmax(-1))
+
+  def accuracy(p) -> float:
+    pred = [
+      predict(p, transforms.imagenet_normalize(x_val[i : i + 256]))
+      for i in range(0, o.num_val, 256)
+    ]
+    return float(np.mean(np.concatenate([np.asarray(q) for q in pred]) == y_val))
+
+  rng = np.random.default_rng(o.seed)
+  history = []
+  for i in range(1, o.steps + 1):
+    idx = rng.integers(0, o.num_scenes, o.batch_size)
+    flip = rng.random(o.batch_size) < 0.5  # Horizontal flips, as in the demo's pipeline.
+    x = np.where(flip[:, None, None, None], x_train[idx, :, ::-1], x_train[idx])
+    params, opt_state, loss = step(
+      params, opt_state, transforms.imagenet_normalize(x), y_train[idx]
+    )
+    if i % o.log_every == 0 or i == o.steps:
+      history.append({'step': i, 'loss': float(loss), 'val_accuracy': accuracy(params)})
+      logging.info('pretrain: %s (%.0f s)', history[-1], time.time() - t0)
+  return params['backbone'], history
+
+
+def write(o: Options, out: str) -> dict:
+  """Trains and writes `out` (DINOv2 keys) and `out + '.json'`; returns the JSON record."""
+  backbone, history = train(o)
+  convert.save_dinov2(backbone, out)
+  record = {
+    'options': dataclasses.asdict(o),
+    'val_accuracy': history[-1]['val_accuracy'],
+    'chance': 1.0 / len(synthetic.SHAPES),
+    'history': history,
+    'command': f'python -m triplane3d.pretrain --out={out} (triplane3d.pretrain.Options)',
+  }
+  with open(out + '.json.tmp', 'w') as f:
+    json.dump(record, f, indent=1)
+  os.replace(out + '.json.tmp', out + '.json')
+  return record
+
+
+def main(argv):
+  del argv
+  fields = {f.name for f in dataclasses.fields(Options)}
+  o = Options(**{k: v for k, v in flags.FLAGS.flag_values_dict().items() if k in fields})
+  record = write(o, flags.FLAGS.out)
+  print(f'{flags.FLAGS.out}: validation accuracy {record["val_accuracy"]:.3f} (chance 0.2)')
+
+
+def _define_flags():
+  flags.DEFINE_string('out', None, 'Output weights (.safetensors or .pth).', required=True)
+  for f in dataclasses.fields(Options):
+    define = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string}
+    define[type(f.default)](f.name, f.default, f'See triplane3d.pretrain.Options.{f.name}.')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
