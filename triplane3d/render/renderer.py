@@ -346,8 +346,8 @@ def render_batch(
     """One step renders one image (or a group of images) of every slice: (slices, ...)."""
     if planes.shape[0] > 1:
       return jax.vmap(one)(planes, k)
-    # A size-1 vmap would leave size-1 batch axes on the point MLP's matmuls, which XLA:CPU
-    # then runs outside its fast matmul library (docs/performance.md, Optimisations).
+    # Not a size-1 vmap: its size-1 batch axes made XLA:CPU copy the point MLP's activations
+    # into a transposed layout for the weight gradients (docs/performance.md, Optimisations).
     return jax.tree.map(lambda y: y[None], one(planes[0], k[0]))
 
   n = options.rays_per_image or options.resolution**2
