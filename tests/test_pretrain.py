@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from triplane3d import convert, pretrain
 from triplane3d.configs import demo
@@ -17,11 +18,24 @@ def _shapes(tree):
 
 
 def test_scenes_carry_their_generators_labels():
-  images, labels = pretrain.scenes(7, 6, 28, 'class')
+  images, labels, fractions = pretrain.scenes(7, 6, 28, 'class', cells=4)
   assert images.shape == (6, 28, 28, 3) and images.dtype == np.uint8
+  assert fractions.shape == (6, 4, 4, 1 + len(synthetic.SHAPES))
+  camera = pretrain.Camera.from_config(pretrain.common.get_base_config().camera)
   for i in range(6):
-    assert labels[i] == synthetic.sample_scene(i, 7, texture_mode='class')['labels']['label']
+    scene = synthetic.sample_scene(i, 7, texture_mode='class')
+    assert labels[i] == scene['labels']['label']
+    rgb, depth = synthetic.render(scene, camera, 28)
+    np.testing.assert_array_equal(images[i], rgb)
+    # The background share of each 7×7 cell, counted from the depth map instead of the ids.
+    bg = (depth == camera.far).reshape(4, 7, 4, 7).mean((1, 3))
+    np.testing.assert_allclose(fractions[i, ..., 0], bg, atol=1e-3)
+    np.testing.assert_allclose(fractions[i].sum(-1), 1.0, atol=2e-3)
+    # Pixels with the labelled object's shape exist wherever it is visible (it always is here).
+    assert fractions[i, ..., 1 + labels[i]].sum() > 0
   assert len({im.tobytes() for im in images}) == 6
+  with pytest.raises(ValueError, match='must divide'):
+    pretrain.scenes(7, 1, 28, 'class', cells=5)
 
 
 def test_write_gives_weights_that_load_as_dinov2(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -48,66 +49,113 @@ class Options:
   lr: float = 1e-3
   warmup_steps: int = 300
   weight_decay: float = 0.05
+  # Also name, for each of sub × sub cells per patch, which shape (or the background) its
+  # pixels see: dense labels that teach the patch tokens where the objects are, as DINOv2's
+  # patch features are known to (its objects segment with a linear probe). 0 turns it off.
+  segment_weight: float = 1.0
+  segment_sub: int = 2
   seed: int = 0
   log_every: int = 500
 
 
-def scenes(seed: int, n: int, img_size: int, texture_mode: str) -> tuple[np.ndarray, np.ndarray]:
-  """Scenes 0..n-1 of generator seed `seed`: images uint8 (n, S, S, 3), shape labels (n,)."""
+def scenes(
+  seed: int, n: int, img_size: int, texture_mode: str, cells: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Scenes 0..n-1 of generator seed `seed`.
+
+  Returns:
+    images uint8 (n, S, S, 3); shape labels int32 (n,); and, where `cells` > 0, per-cell
+    class fractions float16 (n, cells, cells, 1 + len(SHAPES)): which share of each of a
+    cells × cells grid's pixels sees the background (class 0) or an object of shape k (class
+    k + 1; distractors count by their shape). `cells` must divide S.
+  """
   camera = Camera.from_config(common.get_base_config().camera)
   images = np.empty((n, img_size, img_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
+  num_classes = 1 + len(synthetic.SHAPES)
+  fractions = np.zeros((n, cells, cells, num_classes), np.float16)
+  if cells and img_size % cells:
+    raise ValueError(f'cells={cells} must divide img_size={img_size}.')
   for i in range(n):
     scene = synthetic.sample_scene(i, seed, texture_mode=texture_mode)
-    images[i] = synthetic.render(scene, camera, img_size)[0]
+    images[i], _, ids = synthetic.render_with_ids(scene, camera, img_size)
     labels[i] = scene['labels']['label']
-  return images, labels
+    if cells:
+      shape_of = np.asarray([synthetic.SHAPES.index(o['shape']) + 1 for o in scene['objects']])
+      cls = np.where(ids >= 0, shape_of[np.maximum(ids, 0)], 0)
+      onehot = np.eye(num_classes, dtype=np.float32)[cls]
+      p = img_size // cells
+      fractions[i] = onehot.reshape(cells, p, cells, p, num_classes).mean((1, 3))
+  return images, labels, fractions
 
 
 class Classifier(nn.Module):
-  """The backbone (parameters under 'backbone') and a linear head on [class, mean patch]."""
+  """The backbone (parameters under 'backbone'), a linear shape head on [class, mean patch],
+  and a linear segmentation head on each patch token.
+
+  Returns (shape logits (B, num_classes), cell logits (B, G·sub, G·sub, 1 + num_classes)) for
+  G × G patches, each split into sub × sub cells.
+  """
 
   variant: str
   num_classes: int
+  sub: int = 2
 
   @nn.compact
   def __call__(self, x_bhwc):
     f = vit.create(self.variant, name='backbone')(x_bhwc)
-    z = jnp.concatenate([f['x_norm_clstoken'], f['x_norm_patchtokens'].mean(1)], -1)
-    return nn.Dense(self.num_classes, name='head')(z)
+    patches = f['x_norm_patchtokens']  # (B, G·G, D)
+    z = jnp.concatenate([f['x_norm_clstoken'], patches.mean(1)], -1)
+    logits = nn.Dense(self.num_classes, name='head')(z)
+    b, n, _ = patches.shape
+    g, k, c = math.isqrt(n), self.sub, self.num_classes + 1
+    cells = nn.Dense(k * k * c, name='segment_head')(patches).reshape(b, g, g, k, k, c)
+    return logits, cells.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * k, g * k, c)
 
 
 def train(o: Options) -> tuple[dict, list[dict]]:
   """Trains the classifier; returns (backbone params, history of {step, loss, val_accuracy})."""
   t0 = time.time()
-  x_train, y_train = scenes(o.scene_seed, o.num_scenes, o.img_size, o.texture_mode)
-  x_val, y_val = scenes(o.val_seed, o.num_val, o.img_size, o.texture_mode)
+  model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub)
+  cells = o.img_size // vit.create(o.variant).patch_size * o.segment_sub
+  x_train, y_train, s_train = scenes(o.scene_seed, o.num_scenes, o.img_size, o.texture_mode, cells)
+  x_val, y_val, s_val = scenes(o.val_seed, o.num_val, o.img_size, o.texture_mode, cells)
   logging.info('pretrain: %d + %d scenes in %.0f s', o.num_scenes, o.num_val, time.time() - t0)
-  model = Classifier(o.variant, len(synthetic.SHAPES))
   x0 = jnp.zeros((1, o.img_size, o.img_size, 3))
   params = nn.meta.unbox(model.init(jax.random.key(o.seed), x0)['params'])
   sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.steps)
   tx = optax.adamw(sched, weight_decay=o.weight_decay)
   opt_state = tx.init(params)
 
-  def loss_fn(p, x, y):
-    logits = model.apply({'params': p}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  def loss_fn(p, x, y, seg):
+    logits, cell_logits = model.apply({'params': p}, x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    seg_loss = optax.softmax_cross_entropy(cell_logits, seg).mean()
+    return loss + o.segment_weight * seg_loss
 
   @jax.jit
-  def step(p, s, x, y):
-    loss, g = jax.value_and_grad(loss_fn)(p, x, y)
+  def step(p, s, x, y, seg):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y, seg)
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s, loss
 
-  predict = jax.jit(lambda p, x: model.apply({'params': p}, x).argmax(-1))
+  @jax.jit
+  def predict(p, x):
+    logits, cell_logits = model.apply({'params': p}, x)
+    return logits.argmax(-1), cell_logits.argmax(-1) > 0
 
-  def accuracy(p) -> float:
-    pred = [
-      predict(p, transforms.imagenet_normalize(x_val[i : i + 256]))
-      for i in range(0, o.num_val, 256)
-    ]
-    return float(np.mean(np.concatenate([np.asarray(q) for q in pred]) == y_val))
+  def metrics(p) -> dict:
+    """Shape accuracy, and the IoU of the cells predicted and labelled mostly object."""
+    pred, fg = zip(
+      *[
+        predict(p, transforms.imagenet_normalize(x_val[i : i + 256]))
+        for i in range(0, o.num_val, 256)
+      ]
+    )
+    pred, fg = np.concatenate(pred), np.concatenate(fg)
+    true_fg = s_val[..., 0] < 0.5
+    iou = np.sum(fg & true_fg) / max(1, np.sum(fg | true_fg))
+    return {'val_accuracy': float(np.mean(pred == y_val)), 'val_object_iou': float(iou)}
 
   rng = np.random.default_rng(o.seed)
   history = []
@@ -115,11 +163,12 @@ def train(o: Options) -> tuple[dict, list[dict]]:
     idx = rng.integers(0, o.num_scenes, o.batch_size)
     flip = rng.random(o.batch_size) < 0.5  # Horizontal flips, as in the demo's pipeline.
     x = np.where(flip[:, None, None, None], x_train[idx, :, ::-1], x_train[idx])
+    seg = np.where(flip[:, None, None, None], s_train[idx, :, ::-1], s_train[idx])
     params, opt_state, loss = step(
-      params, opt_state, transforms.imagenet_normalize(x), y_train[idx]
+      params, opt_state, transforms.imagenet_normalize(x), y_train[idx], seg.astype(np.float32)
     )
     if i % o.log_every == 0 or i == o.steps:
-      history.append({'step': i, 'loss': float(loss), 'val_accuracy': accuracy(params)})
+      history.append({'step': i, 'loss': float(loss), **metrics(params)})
       logging.info('pretrain: %s (%.0f s)', history[-1], time.time() - t0)
   return params['backbone'], history
 

@@ -178,10 +178,22 @@ def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np
     (rgb_hw3 uint8, depth_hw float64): depth is the distance along each unit ray to the first
     surface, exactly `camera.far` on the background.
   """
+  rgb, depth, _ = render_with_ids(scene, camera, resolution)
+  return rgb, depth
+
+
+def render_with_ids(scene: dict, camera: Camera, resolution: int):
+  """`render`, plus which object each pixel sees.
+
+  Returns:
+    (rgb_hw3 uint8, depth_hw float64, ids_hw int32): ids are -1 on the background, else the
+    index into `scene['objects']` (0 is the labelled object, 1-2 the distractors).
+  """
   o, d = ray_table(camera, resolution)  # The camera is fixed: one table per resolution.
   depth = np.full(len(o), np.inf)
+  ids = np.full(len(o), -1, np.int32)
   rgb = _background(scene['background'], d @ camera.rotation_matrix, scene['bg_tex'])
-  for obj in scene['objects']:
+  for k, obj in enumerate(scene['objects']):
     # Only rays through the object's bounding sphere are cast (most miss small objects).
     radius = 1.01 * obj['size'] * max(1.0, float(np.max(obj['aspect'])))
     oc = o - obj['center']
@@ -200,10 +212,11 @@ def render(scene: dict, camera: Camera, resolution: int) -> tuple[np.ndarray, np
     diffuse = np.clip(n_w @ scene['light'], 0, 1)  # `light` points towards the light.
     shade = scene['ambient'] + (1 - scene['ambient']) * diffuse
     color = _texture(obj['texture'], p_l / obj['size'], obj['tex']) * shade[:, None]
-    rgb[ray[closer]], depth[ray[closer]] = color, t[closer]
+    rgb[ray[closer]], depth[ray[closer]], ids[ray[closer]] = color, t[closer], k
   depth = np.where(np.isfinite(depth), depth, camera.far)
   rgb = np.round(np.clip(rgb, 0, 1) * 255).astype(np.uint8)
-  return rgb.reshape(resolution, resolution, 3), depth.reshape(resolution, resolution)
+  hw = (resolution, resolution)
+  return rgb.reshape(*hw, 3), depth.reshape(hw), ids.reshape(hw)
 
 
 def image_features() -> tfds.features.FeaturesDict:
