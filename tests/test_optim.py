@@ -81,3 +81,8 @@ def test_bad_settings():
     optim.create(_cfg(name='sgd'), {'w': jnp.ones(1)}, 10)
   with pytest.raises(ValueError, match=r"has no effect with Adam; use optim.name='adamw'"):
     optim.create(_cfg(weight_decay=0.1), {'w': jnp.ones(1)}, 10)
+  params = {'backbone': {'blocks_0': {'w': jnp.ones(1)}}, 'decoder': {'w': jnp.ones(1)}}
+  # A prefix without '/.*' matches no whole name: an error, not a silently ignored rule.
+  with pytest.raises(ValueError, match=r"rules \['backbone'\] match no parameter"):
+    optim.create(_cfg(lr_mults=(('backbone', 0.3), ('.*', 1.0))), params, 10)
+  optim.create(_cfg(lr_mults=(('backbone/.*', 0.3), ('.*', 1.0))), params, 10)

@@ -43,6 +43,18 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
     return 'unmatched'
 
   labels = jax.tree_util.tree_map_with_path(label, params)
+  names = [
+    jax.tree_util.keystr(p, simple=True, separator='/')
+    for p, _ in jax.tree_util.tree_leaves_with_path(params)
+  ]
+  unused = [pat.pattern for pat, _ in rules if not any(pat.fullmatch(n) for n in names)]
+  if unused:
+    # Usually a prefix written without '/.*': rules match whole names such as
+    # 'backbone/blocks_0/attn/qkv/kernel'.
+    raise ValueError(
+      f'optim.lr_mults rules {unused} match no parameter (names look like {names[:3]}); '
+      "a rule must match whole names, e.g. 'backbone/.*' rather than 'backbone'."
+    )
   if unmatched:
     raise ValueError(
       f'{len(unmatched)} parameters match no rule of optim.lr_mults, e.g. {unmatched[:5]}; '
