@@ -13,6 +13,7 @@ import re
 import jax
 import ml_collections as mlc
 import optax
+from absl import logging
 
 
 def schedule(optim_cfg: mlc.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -47,14 +48,19 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
     jax.tree_util.keystr(p, simple=True, separator='/')
     for p, _ in jax.tree_util.tree_leaves_with_path(params)
   ]
-  unused = [pat.pattern for pat, _ in rules if not any(pat.fullmatch(n) for n in names)]
-  if unused:
-    # Usually a prefix written without '/.*': rules match whole names such as
-    # 'backbone/blocks_0/attn/qkv/kernel'.
-    raise ValueError(
-      f'optim.lr_mults rules {unused} match no parameter (names look like {names[:3]}); '
-      "a rule must match whole names, e.g. 'backbone/.*' rather than 'backbone'."
-    )
+  for pat, _ in rules:
+    if any(pat.fullmatch(n) for n in names):
+      continue
+    prefix_of = [n for n in names if pat.match(n)]
+    if prefix_of:  # The usual slip: 'backbone' for 'backbone/.*'.
+      raise ValueError(
+        f'optim.lr_mults rule {pat.pattern!r} matches no whole parameter name, only the start '
+        f'of {len(prefix_of)} (e.g. {prefix_of[0]!r}); rules match whole names: write '
+        f'{pat.pattern + "/.*"!r}.'
+      )
+    # A rule for a part this model lacks (e.g. the demo's embeddings rule with the conv
+    # decoder ablation) is allowed, but said.
+    logging.warning('optim.lr_mults rule %r matches no parameter of this model.', pat.pattern)
   if unmatched:
     raise ValueError(
       f'{len(unmatched)} parameters match no rule of optim.lr_mults, e.g. {unmatched[:5]}; '

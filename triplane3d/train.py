@@ -406,8 +406,7 @@ def _init_or_restore(
   setup: Setup, config: mlc.ConfigDict, ckpt: checkpoint.Checkpointer, data_iter, key: jax.Array
 ) -> tuple[dict, Any, int]:
   """(state, teacher, start step): the latest checkpoint, else a fresh (or DINOv2) init."""
-  state_sh, teacher_sh = setup.state_shardings, setup.teacher_shardings
-  abstract = sharding.abstract_with_shardings(setup.abstract_state, state_sh)
+  abstract = sharding.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
   restored = ckpt.restore_latest(abstract, data_iter)
   loaded = None
   if config.model.init_from and (setup.use_teacher or not restored):
@@ -416,18 +415,28 @@ def _init_or_restore(
     start, state = restored
     logging.info('resumed from step %d', start)
   else:
-    start = 0
-    state = jax.jit(setup.init_state, out_shardings=state_sh)(key)
-    if loaded is not None:
-      state['params']['backbone'] = sharding.shard_like(loaded, state_sh['params']['backbone'])
-  teacher = {}
-  if setup.use_teacher:
-    if loaded is not None:
-      teacher = sharding.shard_like(loaded, teacher_sh)
-    else:  # From scratch with distillation: the teacher is the student's random init.
-      init_backbone = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
-      teacher = jax.jit(init_backbone, out_shardings=teacher_sh)(key)
-  return state, teacher, start
+    start, state = 0, fresh_state(setup, key, loaded)
+  return state, teacher_params(setup, key, loaded), start
+
+
+def fresh_state(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dict:
+  """A new train state from `key`; the backbone is `loaded` (DINOv2-format weights) if given."""
+  state_sh = setup.state_shardings
+  state = jax.jit(setup.init_state, out_shardings=state_sh)(key)
+  if loaded is not None:
+    state['params']['backbone'] = sharding.shard_like(loaded, state_sh['params']['backbone'])
+  return state
+
+
+def teacher_params(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dict:
+  """The frozen distillation teacher: `loaded` if given, else the student's initial backbone
+  (the same `key` as `fresh_state`); {} without distillation."""
+  if not setup.use_teacher:
+    return {}
+  if loaded is not None:
+    return sharding.shard_like(loaded, setup.teacher_shardings)
+  init_backbone = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
+  return jax.jit(init_backbone, out_shardings=setup.teacher_shardings)(key)
 
 
 class _Renders:

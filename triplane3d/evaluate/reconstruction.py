@@ -150,11 +150,12 @@ def overfit_scene(
   setup = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), num_steps)
   model = setup.model
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  state = jax.jit(setup.init_state)(k_init)
-  if config.model.init_from:  # As train.run: the backbone, and so the teacher, start from it.
+  # As train.run: the backbone, and so the teacher, start from model.init_from if it is set.
+  loaded = None
+  if config.model.init_from:
     loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
-    state['params']['backbone'] = jax.tree_util.tree_map(jnp.asarray, loaded)
-  teacher = state['params']['backbone'] if setup.use_teacher else {}
+  state = train.fresh_state(setup, k_init, loaded)
+  teacher = train.teacher_params(setup, k_init, loaded)
   step_fn = jax.jit(train.make_train_step(setup, config, k_train))
   render = jax.jit(lambda p, x: render_full(model, p, x))
   target_rgb, target_depth = np.asarray(batch['rgb']), np.asarray(batch['depth'])
