@@ -47,7 +47,7 @@ def test_write_gives_weights_that_load_as_dinov2(tmp_path):
   with open(out + '.json') as f:
     assert json.load(f) == json.loads(json.dumps(record))
   assert [h['step'] for h in record['history']] == [1, 2, 3]
-  assert 0.0 <= record['val_accuracy'] <= 1.0
+  assert 0.0 <= record['val_accuracy'] <= 1.0 and 0.0 <= record['val_object_iou'] <= 1.0
   loaded = convert.load_dinov2(out, 'vit_tiny14')
   fresh = vit.init_params(vit.create('vit_tiny14'), jax.random.key(0), 28)
   assert _shapes(loaded) == _shapes(fresh)
@@ -68,6 +68,8 @@ def test_the_demo_starts_from_the_shipped_weights():
   assert c.seed not in (made['scene_seed'], made['val_seed'])
   # It learned the task it stands in for: well above chance (0.2) on validation scenes.
   assert record['val_accuracy'] >= 0.5
+  # And its patch tokens say where the objects are (segmentation objective, on by default).
+  assert made['segment_weight'] > 0 and record['val_object_iou'] >= 0.4
   loaded = convert.load_dinov2(path, c.model.variant)
   fresh = vit.init_params(vit.create(c.model.variant), jax.random.key(0), c.model.img_size)
   assert _shapes(loaded) == _shapes(fresh)

@@ -4,10 +4,12 @@
 
 3D-Prior fine-tunes a *pretrained* DINOv2. The demo cannot download one, and a randomly
 initialised tiny ViT learns where the objects are too slowly for a demo's budget
-(docs/reconstruction.md). This trains the backbone to name the shape of the main object in
-synthetic scenes (`triplane3d.data.synthetic`, generator seeds disjoint from the demo's
-training and held-out scenes), through a linear head on the class token and the mean patch
-token that is then thrown away. It writes the backbone in DINOv2's official key format
+(docs/reconstruction.md). This trains the backbone on synthetic scenes
+(`triplane3d.data.synthetic`, generator seeds disjoint from the demo's training and held-out
+scenes) to name the shape of the main object (a linear head on the class token and the mean
+patch token) and, per quarter of each patch, which shape or the background its pixels see (a
+linear head on each patch token): 2D labels only, never depth. Both heads are thrown away.
+It writes the backbone in DINOv2's official key format
 (`convert.save_dinov2`), so `model.init_from` loads it like a released checkpoint (and, with
 distillation, it is the frozen teacher), and beside it `<out>.json`: how it was made and its
 accuracy on validation scenes of yet another seed.
@@ -180,6 +182,7 @@ def write(o: Options, out: str) -> dict:
   record = {
     'options': dataclasses.asdict(o),
     'val_accuracy': history[-1]['val_accuracy'],
+    'val_object_iou': history[-1]['val_object_iou'],
     'chance': 1.0 / len(synthetic.SHAPES),
     'history': history,
     'command': f'python -m triplane3d.pretrain --out={out} (triplane3d.pretrain.Options)',
@@ -195,7 +198,10 @@ def main(argv):
   fields = {f.name for f in dataclasses.fields(Options)}
   o = Options(**{k: v for k, v in flags.FLAGS.flag_values_dict().items() if k in fields})
   record = write(o, flags.FLAGS.out)
-  print(f'{flags.FLAGS.out}: validation accuracy {record["val_accuracy"]:.3f} (chance 0.2)')
+  print(
+    f'{flags.FLAGS.out}: validation accuracy {record["val_accuracy"]:.3f} (chance 0.2), '
+    f'object-cell IoU {record["val_object_iou"]:.3f}'
+  )
 
 
 def _define_flags():
