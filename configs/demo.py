@@ -7,10 +7,9 @@ Generates a synthetic-scenes dataset (exact depth) into the workdir on first use
 tiny ViT from shipped pretrained weights (the stand-in for DINOv2) with the triplane decoder
 and renderer for 600 steps, and leaves checkpoints, TensorBoard logs and PNG reconstructions
 in the workdir. Every 150 steps it renders 64 held-out scenes and prints PSNR and depth error
-beside trivial baselines. Measured on 2 CPU cores (shared with a test run): 8.6 min with data
-generation; held-out 22.82 dB (mean colour 18.76), depth RMSE 0.102 (mean map 0.135), |err|
-0.033 (median map 0.047): all beat the baselines, |err| not yet by the goal (0.03;
-docs/reconstruction.md).
+beside trivial baselines. Measured on 2 CPU cores: 6.4 min with data generation; held-out
+21.96 dB (mean colour 18.76), depth RMSE 0.096 (mean map 0.135), |err| 0.029 (median map
+0.047); on the scenes of seed 1, 21.93 dB, 0.086, 0.027 (docs/reconstruction.md, session 7).
 """
 
 import os
