@@ -1,10 +1,11 @@
-"""DINOv2 checkpoint import (`load_dinov2`) and export (`save_dinov2`).
+"""DINOv2 backbones in and out: `load_backbone` / `load_dinov2`, `save_dinov2`, `save_hf`.
 
 The export names load on first use, so that `python -m triplane3d.convert.export` does not
 find its own module already imported by this package (runpy warns about that).
 """
 
-from triplane3d.convert.load import WeightFileError, infer_variant, load_dinov2
+from triplane3d.convert.hf import save_hf
+from triplane3d.convert.load import WeightFileError, infer_variant, load_backbone, load_dinov2
 
 _EXPORT = ('save_dinov2', 'to_dinov2_state_dict')
 
@@ -17,4 +18,12 @@ def __getattr__(name: str):
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-__all__ = ['WeightFileError', 'infer_variant', 'load_dinov2', 'save_dinov2', 'to_dinov2_state_dict']
+__all__ = [
+  'WeightFileError',
+  'infer_variant',
+  'load_backbone',
+  'load_dinov2',
+  'save_dinov2',
+  'save_hf',
+  'to_dinov2_state_dict',
+]

@@ -1,10 +1,13 @@
-"""Export a (fine-tuned) backbone back to DINOv2's official PyTorch format.
+"""Export a (fine-tuned) backbone to DINOv2's official format or as a Hugging Face model.
 
   python -m triplane3d.convert.export --workdir=DIR --out=vitb14_3dprior.pth [--step=N]
+  python -m triplane3d.convert.export --workdir=DIR --format=hf --out=vitb14_3dprior_hf
 
-takes the student backbone from a training run's latest (or given) checkpoint. The result
-loads into the official `dinov2_vit*14` hub models with `load_state_dict` and into
-`triplane3d.convert.load_dinov2`: the round trip is lossless because the 37×37 positional table
+takes the student backbone from a training run's latest (or given) checkpoint. `dinov2` (the
+default) writes one .pth / .safetensors file that loads into the official `dinov2_vit*14` hub
+models with `load_state_dict`; `hf` writes a directory for `transformers`'
+`Dinov2Model.from_pretrained` (`Dinov2WithRegistersModel` for `_reg` variants; see `hf.py`).
+Both load back with `triplane3d.convert.load_backbone`, losslessly: the 37×37 positional table
 is the parameter (never a resized copy).
 """
 
@@ -16,7 +19,11 @@ import tempfile
 import jax
 import numpy as np
 
+from triplane3d.convert import hf
 from triplane3d.convert import keys as keys_lib
+from triplane3d.convert import load as load_lib
+
+FORMATS = ('dinov2', 'hf')
 
 
 def to_dinov2_state_dict(params: dict) -> dict[str, np.ndarray]:
@@ -56,12 +63,7 @@ def save_dinov2(params: dict, path: str) -> None:
       os.remove(tmp)
 
 
-def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
-  """The student backbone params (numpy) of a training run's checkpoint (latest by default)."""
-  from triplane3d import checkpoint
-
-  _, params = checkpoint.restore_params(workdir, step)
-  return jax.tree_util.tree_map(np.asarray, params['backbone'])
+backbone_from_checkpoint = load_lib.backbone_from_checkpoint  # Its owner is load.py.
 
 
 def main(argv):
@@ -76,16 +78,22 @@ def main(argv):
     raise app.UsageError(
       f'{f.out} exists; pass --overwrite to replace it, or choose another --out.'
     )
-  params = backbone_from_checkpoint(f.workdir, f.step)
-  save_dinov2(params, f.out)
-  print(f'wrote {f.out} ({len(to_dinov2_state_dict(params))} tensors)')
+  model, params = load_lib.load_backbone(f.workdir, step=f.step)
+  if f.format == 'hf':
+    hf.save_hf(params, f.out, model)
+  else:
+    save_dinov2(params, f.out)
+  print(f'wrote {f.out} ({len(to_dinov2_state_dict(params))} tensors, {f.format} format)')
 
 
 if __name__ == '__main__':
   from absl import app, flags
 
   flags.DEFINE_string('workdir', None, 'Training run directory.', required=True)
-  flags.DEFINE_string('out', None, 'Output .pth or .safetensors file.', required=True)
+  flags.DEFINE_string(
+    'out', None, 'Output .pth / .safetensors file (dinov2) or directory (hf).', required=True
+  )
+  flags.DEFINE_enum('format', 'dinov2', FORMATS, 'dinov2: official keys; hf: transformers dir.')
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: latest).')
   flags.DEFINE_bool('overwrite', False, 'Replace --out if it exists.')
   app.run(main)

@@ -8,7 +8,7 @@ Three naming schemes meet here:
   (kh, kw, in, out) conv kernels.
 
 Everything is normalised to official keys first (`hf_to_official`), then laid out for Flax
-(`official_to_flax`); `flax_to_official` inverts the latter for export.
+(`official_to_flax`); `flax_to_official` and `official_to_hf` invert them for export.
 """
 
 from __future__ import annotations
@@ -180,3 +180,48 @@ def hf_to_official(state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
       raise KeyError(f'checkpoint has {sorted(parts)} but not {missing} needed to build {target}.')
     out[target] = np.concatenate([np.asarray(parts[g]) for g in group], axis=0)
   return out, unexpected
+
+
+# The hub layout is what `from_pretrained` converts from, in every transformers version we
+# know; the in-memory names (`q_proj`, `gate_proj`, ...) are a transformers-5 detail.
+_HF_OUT_LAYER = {
+  'norm1': 'norm1',
+  'norm2': 'norm2',
+  'ls1.gamma': 'layer_scale1.lambda1',
+  'ls2.gamma': 'layer_scale2.lambda1',
+  'attn.proj': 'attention.output.dense',
+  'mlp.fc1': 'mlp.fc1',
+  'mlp.fc2': 'mlp.fc2',
+  'mlp.w12': 'mlp.weights_in',  # Gate then up, as in DINOv2's fused w12: loaded unsplit.
+  'mlp.w3': 'mlp.weights_out',
+}
+_HF_QKV = ('query', 'key', 'value')
+
+
+def official_to_hf(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Inverse of `hf_to_official`: official DINOv2 tensors → Hugging Face hub keys.
+
+  The fused qkv (output axis ordered q, k, v) is split into `attention.attention.{query,key,
+  value}`; everything else is a rename. Raises KeyError for a key with no Hugging Face place.
+  """
+  simple = {v: k for k, v in _HF_SIMPLE.items()}
+  out: dict[str, np.ndarray] = {}
+  for key, val in state.items():
+    if key in simple:
+      out[simple[key]] = val
+      continue
+    m = _BLOCK_RE.match(key)
+    if not m:
+      raise KeyError(f'{key!r} has no Hugging Face Dinov2Model counterpart.')
+    layer, rest = f'encoder.layer.{m.group(1)}', m.group(2)
+    mod, _, leaf = rest.rpartition('.')
+    if rest in ('ls1.gamma', 'ls2.gamma'):
+      out[f'{layer}.{_HF_OUT_LAYER[rest]}'] = val
+    elif mod == 'attn.qkv':
+      for name, part in zip(_HF_QKV, np.split(np.asarray(val), 3, axis=0), strict=True):
+        out[f'{layer}.attention.attention.{name}.{leaf}'] = part
+    elif mod in _HF_OUT_LAYER:
+      out[f'{layer}.{_HF_OUT_LAYER[mod]}.{leaf}'] = val
+    else:
+      raise KeyError(f'{key!r} has no Hugging Face Dinov2Model counterpart.')
+  return out

@@ -10,6 +10,9 @@
 
 The variant is inferred from tensor shapes unless given; every mismatch raises
 `WeightFileError` naming the key, what was expected and what was found.
+
+`load_backbone(source)` is the user-facing entry: it also takes a training run's directory and
+returns the model with its params, ready for `get_intermediate_layers`.
 """
 
 from __future__ import annotations
@@ -169,13 +172,22 @@ def load_dinov2(path: str, variant: str | None = None, **model_overrides) -> dic
       match the variant (the message names the key, expected and found shapes).
   """
   state = read_official_state(path)
-  variant = variant or infer_variant(state)
+  return params_from_official(state, variant or infer_variant(state), path, **model_overrides)
+
+
+def params_from_official(
+  state: dict[str, np.ndarray], variant: str, where: str, **model_overrides
+) -> dict:
+  """Official-key tensors → checked float32 params for `vit.create(variant, **overrides)`.
+
+  `where` names the source in error messages.
+  """
   params, unexpected = keys_lib.official_to_flax(state)
   flat = _flatten(params)
   want = expected_shapes(vit.create(variant, **model_overrides))
   if 'mask_token' in want and 'mask_token' not in flat:
     # Only DINOv2's masked-image objective uses it; some exports drop it.
-    logging.info('%s has no mask_token; filling zeros (unused by 3D-Prior).', path)
+    logging.info('%s has no mask_token; filling zeros (unused by 3D-Prior).', where)
     flat['mask_token'] = np.zeros(want['mask_token'], np.float32)
   missing = sorted(set(want) - set(flat))
   unexpected += sorted(set(flat) - set(want))
@@ -190,7 +202,7 @@ def load_dinov2(path: str, variant: str | None = None, **model_overrides) -> dic
       problems.append(f'{k}: expected shape {want[k]} for {variant}, found {got}')
   if problems:
     raise WeightFileError(
-      f'{path} does not match DINOv2 {variant}: ' + '; '.join(problems) + '. Check the variant '
+      f'{where} does not match DINOv2 {variant}: ' + '; '.join(problems) + '. Check the variant '
       '(or let it be inferred) and that the file is a DINOv2 backbone.'
     )
   out: dict = {}
@@ -201,3 +213,62 @@ def load_dinov2(path: str, variant: str | None = None, **model_overrides) -> dic
       node = node.setdefault(p, {})
     node[leaf] = np.asarray(v, np.float32)
   return out
+
+
+def backbone_from_checkpoint(workdir: str, step: int | None = None) -> dict:
+  """The student backbone params (numpy) of a training run's checkpoint (latest by default)."""
+  from triplane3d import checkpoint
+
+  _, params = checkpoint.restore_params(workdir, step)
+  return jax.tree_util.tree_map(np.asarray, params['backbone'])
+
+
+def _run_variant(workdir: str) -> str | None:
+  """The backbone variant a training run's stored config names, or None without a config."""
+  from triplane3d import run_config
+
+  config = run_config.read(workdir)
+  return None if config is None else str(config.model.variant)
+
+
+def load_backbone(
+  source: str, variant: str | None = None, *, step: int | None = None
+) -> tuple[vit.DinoViT, dict]:
+  """A ready-to-run backbone from a training run, a DINOv2 checkpoint or an export.
+
+  Example:
+    model, params = load_backbone('runs/vitb14')  # or 'x.pth', 'x.safetensors', an HF dir
+    feats = model.apply({'params': params}, images_bhwc, n=4, method='get_intermediate_layers')
+
+  Args:
+    source: a training workdir (its `checkpoints/`: the student backbone of the latest
+      checkpoint, or of `step`), a .pth / .safetensors file (official or Hugging Face keys, as
+      `save_dinov2` writes), a Hugging Face model directory (as `save_hf` writes) or a hub name.
+    variant: the `vit.VARIANTS` name; None: the run's config, else inferred from the shapes.
+    step: the checkpoint step of a workdir (default: the latest); only for workdirs.
+
+  Returns:
+    `(model, params)`: `vit.create(variant)` (float32) and its nested float32 numpy params.
+
+  Raises:
+    WeightFileError: a source that is none of the above, or weights that do not fit.
+    FileNotFoundError: a workdir without a finished checkpoint (or without `step`).
+  """
+  from triplane3d import checkpoint
+
+  is_run = os.path.isdir(os.path.join(source, checkpoint.CHECKPOINTS))
+  if step is not None and not is_run:
+    raise WeightFileError(f'step={step} needs a training workdir; {source!r} has no checkpoints/.')
+  if is_run:
+    state = keys_lib.flax_to_official(backbone_from_checkpoint(source, step))
+    variant = variant or _run_variant(source) or infer_variant(state)
+  elif os.path.isdir(source) and not any(f.endswith('.safetensors') for f in os.listdir(source)):
+    raise WeightFileError(
+      f'{source} is neither a training workdir (no checkpoints/) nor a Hugging Face model '
+      'directory (no .safetensors); pass a run directory, a .pth / .safetensors file, or a '
+      'directory written by save_pretrained / `export --format=hf`.'
+    )
+  else:
+    state = read_official_state(source)
+    variant = variant or infer_variant(state)
+  return vit.create(variant), params_from_official(state, variant, source)
