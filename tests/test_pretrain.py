@@ -9,6 +9,7 @@ import pytest
 
 from triplane3d import convert, pretrain
 from triplane3d.configs import demo
+from triplane3d.configs.eval import synthetic as eval_synthetic
 from triplane3d.data import synthetic
 from triplane3d.models import vit
 
@@ -64,8 +65,12 @@ def test_the_demo_starts_from_the_shipped_weights():
   made = record['options']
   assert made['variant'] == c.model.variant and made['img_size'] == c.model.img_size
   assert made['texture_mode'] == 'class'  # The demo's scenes tie texture to shape too.
-  # Never the demo's own scenes (generator seed config.seed, training and held-out indices).
-  assert c.seed not in (made['scene_seed'], made['val_seed'])
+  # Never the demo's own scenes (generator seed config.seed, training and held-out indices),
+  # nor the synthetic evaluation suite's sets (seeds synthetic.seed + 0..8, one per set).
+  used = {made['scene_seed'], made['val_seed']}
+  assert c.seed not in used
+  first = eval_synthetic.get_config().synthetic.seed
+  assert not used & set(range(first, first + 9)), (used, first)
   # It learned the task it stands in for: well above chance (0.2) on validation scenes.
   assert record['val_accuracy'] >= 0.5
   # And its patch tokens say where the objects are (segmentation objective, on by default).
