@@ -44,6 +44,7 @@ def test_pca_rgb_rank_deficient_and_bad_shapes():
   assert np.all(out[..., 1:] == 0.5)  # No variance left: mid-grey, not amplified noise.
   assert out[..., 0].min() == 0.0 and out[..., 0].max() == pytest.approx(1.0)
   assert np.all(notebook.pca_rgb(np.ones((30, 4)), (6, 5)) == 0.5)
+  assert notebook.load_config('eval.synthetic:tiny').img_size == 28
   with pytest.raises(ValueError, match=r'features must be \(h·w=30, D\)'):
     notebook.pca_rgb(feats[:-1], (6, 5))
 
@@ -66,5 +67,6 @@ def test_load_config_by_name_and_by_file():
   assert config.train.num_steps == 7 and config.model.init_from == demo.PRETRAINED
   from_file = notebook.load_config(demo.__file__)
   assert from_file.to_dict() == demo.get_config().to_dict()
+  assert notebook.load_config('eval.synthetic:tiny').img_size == 28
   with pytest.raises(ValueError, match=r"'train.num_stepz'.*Did you mean train.num_steps"):
     notebook.load_config('demo', {'train.num_stepz': 7})

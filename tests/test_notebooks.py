@@ -4,7 +4,8 @@ Each notebook runs in a fresh Jupyter kernel (nbclient) with its parameters repl
 inserted after the one tagged `parameters` (papermill's convention): tests/tiny.py's config
 from the shipped pretrained weights, a few steps, workdirs under tmp_path. The install cell
 runs as is and skips the install because the package is importable. The quickstart trains;
-your_image then reconstructs its synthetic input with the quickstart's run.
+your_image then reconstructs its synthetic input with the quickstart's run, and evaluate
+compares that run with its starting weights on the synthetic suite (its CI size, 'tiny').
 """
 
 import json
@@ -21,7 +22,7 @@ from triplane3d.configs import demo
 
 REPO = Path(__file__).resolve().parent.parent
 COLAB = REPO / 'launch' / 'colab'
-NOTEBOOKS = ('quickstart.ipynb', 'your_image.ipynb')
+NOTEBOOKS = ('quickstart.ipynb', 'your_image.ipynb', 'evaluate.ipynb')
 
 
 def _execute(name: str, params: dict, cwd: Path) -> nbformat.NotebookNode:
@@ -127,4 +128,21 @@ def test_notebooks_execute_end_to_end(tmp_path):
   _assert_picture(mine / 'scene.panel.png')
   assert len(_outputs(yours, 'image/png')) == 2
   assert len(_outputs(yours, 'image/gif')) == 1
-  print(f'both notebooks: {time.monotonic() - start:.1f} s')
+
+  results = tmp_path / 'eval'
+  evaluated = _execute(
+    'evaluate.ipynb',
+    {'WORKDIR': str(workdir), 'CONFIG': 'eval.synthetic:tiny', 'OUT': str(results)},
+    tmp_path,
+  )
+  summary = json.loads((results / 'results.json').read_text())
+  assert [b['label'] for b in summary['backbones']] == ['before', 'after']
+  assert summary['backbones'][0]['spec'] == f'before={demo.PRETRAINED}'  # Its init_from.
+  assert (results / 'results.md').is_file()
+  (table,) = _outputs(evaluated, 'text/markdown')
+  assert (
+    '| before' in table['data']['text/markdown'] and '| after' in table['data']['text/markdown']
+  )
+  shown = _outputs(evaluated, 'image/png')
+  assert shown and len(shown) == len(list(results.glob('*.png')))
+  print(f'three notebooks: {time.monotonic() - start:.1f} s')

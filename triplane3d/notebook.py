@@ -30,21 +30,21 @@ TILE = 192  # Side of a panel tile in pixels: small renders are enlarged to abou
 
 
 def load_config(spec: str, overrides: Mapping[str, Any] | None = None) -> mlc.ConfigDict:
-  """A trainer config from a name in `triplane3d.configs` ('demo', 'vitb') or a file path.
+  """A config from a module of `triplane3d.configs` ('demo', 'eval.synthetic') or a file.
 
-  `spec` may be 'path/to/file.py[:arg]' (`get_config(arg)`, as `--config=` takes it);
-  `overrides` are dotted field paths → values ({'train.num_steps': 10}); like a
+  `spec` is 'NAME[:arg]' or 'path/to/file.py[:arg]' (`get_config(arg)`, as `--config=` takes
+  it). `overrides` are dotted field paths → values ({'train.num_steps': 10}); like a
   `--config.x=y` override, an unknown field is a ValueError naming the closest valid ones.
   """
-  path = spec.split(':', 1)[0]
+  path, *arg = spec.split(':', 1)
   if path.endswith('.py'):
     config = run_config._load(spec)
   else:
-    config = importlib.import_module(f'triplane3d.configs.{spec}').get_config()
+    config = importlib.import_module(f'triplane3d.configs.{path}').get_config(*arg)
   overrides = dict(overrides or {})
-  for path in overrides:
-    if error := run_config.unknown_field(config, path):
-      raise ValueError(f'override {path!r} of config {spec!r}: {error}')
+  for field in overrides:
+    if error := run_config.unknown_field(config, field):
+      raise ValueError(f'override {field!r} of config {spec!r}: {error}')
   return run_config.apply_overrides(config, overrides)
 
 
