@@ -49,6 +49,24 @@ def test_pca_rgb_rank_deficient_and_bad_shapes():
     notebook.pca_rgb(feats[:-1], (6, 5))
 
 
+def test_feature_change_is_the_cosine_distance_per_patch():
+  rng = np.random.default_rng(1)
+  a = rng.normal(size=(6, 8))
+  b = a * rng.uniform(0.5, 3.0, size=(6, 1))  # Rescaled: no change of direction.
+  b[1] = -a[1]  # Opposite.
+  b[2] = a[3] - a[3] @ a[2] / (a[2] @ a[2]) * a[2]  # Orthogonal.
+  b[4] = np.roll(a[4], 1)
+  out = notebook.feature_change(a, b, (2, 3))
+  assert out.shape == (2, 3) and out.dtype == np.float32
+  ref = 1 - np.sum(a * b, 1) / np.maximum(
+    np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30
+  )
+  np.testing.assert_allclose(out.ravel(), ref, atol=1e-6)
+  np.testing.assert_allclose(out.ravel()[[0, 1, 2, 3, 5]], [0, 2, 1, 0, 0], atol=1e-6)
+  with pytest.raises(ValueError, match='differ in shape'):
+    notebook.feature_change(a, b[:, :4], (2, 3))
+
+
 def test_panel_places_each_tile_under_its_caption():
   red = np.zeros((4, 4, 3), np.float32)
   red[..., 0] = 1.0

@@ -109,9 +109,12 @@ def test_notebooks_execute_end_to_end(tmp_path):
   with Image.open(out / 'heldout_0.views.gif') as im:
     assert im.n_frames == len(list(ImageSequence.Iterator(im))) >= 8
   for i in range(2):
-    before, after = _pca_tiles(_assert_picture(out / f'pca_{i}.png'), 2)
+    row = _assert_picture(out / f'pca_{i}.png')
+    before, after, change = _pca_tiles(row, 3)  # The last: how far the features turned.
+    assert row.shape[1] == 4 * change.shape[0] + 3 * 6  # input | before | after | change.
     for tile in (before, after):  # Several colours: the features vary over the patches.
       assert len(np.unique(tile.reshape(-1, 3), axis=0)) >= 4
+    assert change.max() == 255  # Scaled to its largest value: the student moved.
   # Shown in the notebook: the reconstruction row and 2 PCA rows (PNG), the orbit (GIF).
   assert len(_outputs(quick, 'image/png')) == 3
   assert len(_outputs(quick, 'image/gif')) == 1

@@ -195,18 +195,46 @@ def show_reconstruction(
   return path
 
 
-def pca_row(image_ss3: np.ndarray, backbones: Mapping[str, tuple[Any, Any]]) -> np.ndarray:
+def feature_change(a_nd: np.ndarray, b_nd: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
+  """Per-patch cosine distance 1 − cos(a, b) of two backbones' features of the same image.
+
+  Args:
+    a_nd, b_nd: (N, D) features of N = h·w patches (same D).
+    grid_hw: (h, w).
+
+  Returns:
+    float32 (h, w) in [0, 2]: 0 where a patch's feature direction did not change.
+  """
+  a, b = np.asarray(a_nd, np.float64), np.asarray(b_nd, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f'feature_change: features differ in shape, {a.shape} vs {b.shape}.')
+  norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+  return (1.0 - (a * b).sum(axis=1) / norms).reshape(grid_hw).astype(np.float32)
+
+
+def pca_row(
+  image_ss3: np.ndarray, backbones: Mapping[str, tuple[Any, Any]], with_change: bool = False
+) -> np.ndarray:
   """input | one PCA image per backbone (`pca_rgb` of its last-block patch features).
 
   Args:
     image_ss3: (S, S, 3) ImageNet-normalised input.
     backbones: caption → (model, params), as `convert.load_backbone` returns them.
+    with_change: with two backbones of the same width, also a grey tile of `feature_change`
+      between them, white at its largest value (printed in the caption): fine-tuning can move
+      the features too little for the PCA pictures to show.
 
   Returns:
     The `panel` (uint8).
   """
   tiles = [('input', input_uint8(image_ss3))]
+  feats = []
   for caption, (model, params) in backbones.items():
-    feats, grid = patch_features(model, params, image_ss3)
-    tiles.append((f'{caption} ({grid[0]}x{grid[1]})', pca_rgb(feats, grid)))
+    f, grid = patch_features(model, params, image_ss3)
+    feats.append(f)
+    tiles.append((f'{caption} ({grid[0]}x{grid[1]})', pca_rgb(f, grid)))
+  if with_change and len(feats) == 2 and feats[0].shape == feats[1].shape:
+    change = feature_change(feats[0], feats[1], grid)
+    top = float(change.max())
+    tiles.append((f'1-cos, white={top:.3f}', change / max(top, 1e-12)))
   return panel(tiles)
