@@ -8,8 +8,8 @@ tiny ViT from shipped pretrained weights (the stand-in for DINOv2) with the trip
 and renderer for 600 steps, and leaves checkpoints, TensorBoard logs and PNG reconstructions
 in the workdir. Every 150 steps it renders 64 held-out scenes and prints PSNR and depth error
 beside trivial baselines. Measured on 2 CPU cores: 6.4 min with data generation; held-out
-21.96 dB (mean colour 18.76), depth RMSE 0.096 (mean map 0.135), |err| 0.029 (median map
-0.047); on the scenes of seed 1, 21.93 dB, 0.086, 0.027 (docs/reconstruction.md, session 7).
+21.39 dB (mean colour 18.76), depth RMSE 0.091 (mean map 0.135), |err| 0.0285 (median map
+0.047); on the scenes of seed 1, 21.95 dB, 0.089, 0.0299 (docs/reconstruction.md, session 7).
 """
 
 import os
