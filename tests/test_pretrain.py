@@ -78,3 +78,18 @@ def test_the_demo_starts_from_the_shipped_weights():
   loaded = convert.load_dinov2(path, c.model.variant)
   fresh = vit.init_params(vit.create(c.model.variant), jax.random.key(0), c.model.img_size)
   assert _shapes(loaded) == _shapes(fresh)
+
+
+@pytest.mark.parametrize(
+  'bad, message',
+  [
+    ({'warmup_steps': 10, 'steps': 10}, 'warmup_steps=10 must be in'),
+    ({'img_size': 30}, 'multiple of the patch size 14'),
+    ({'segment_sub': 3}, 'segment_sub=3 must divide'),
+    ({'val_seed': 3001}, 'must differ'),
+    ({'batch_size': 0}, 'must be ≥ 1'),
+  ],
+)
+def test_options_that_cannot_work_are_refused(bad, message):
+  with pytest.raises(ValueError, match=message):
+    pretrain.train(pretrain.Options(**bad))

@@ -117,8 +117,27 @@ class Classifier(nn.Module):
     return logits, cells.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * k, g * k, c)
 
 
+def check(o: Options) -> None:
+  """Raises ValueError naming the option for settings that cannot work."""
+  patch = vit.create(o.variant).patch_size  # Also rejects an unknown variant.
+  problems = []
+  if o.img_size % patch:
+    problems.append(f'img_size={o.img_size} must be a multiple of the patch size {patch}')
+  if min(o.steps, o.batch_size, o.num_scenes, o.num_val, o.log_every, o.segment_sub) < 1:
+    problems.append('steps, batch_size, num_scenes, num_val, log_every, segment_sub must be ≥ 1')
+  if not 0 <= o.warmup_steps < o.steps:
+    problems.append(f'warmup_steps={o.warmup_steps} must be in [0, steps={o.steps})')
+  if (patch // o.segment_sub) * o.segment_sub != patch:
+    problems.append(f'segment_sub={o.segment_sub} must divide the patch size {patch}')
+  if o.scene_seed == o.val_seed:
+    problems.append('scene_seed and val_seed must differ (validation on other scenes)')
+  if problems:
+    raise ValueError('pretrain options: ' + '; '.join(problems) + '.')
+
+
 def train(o: Options) -> tuple[dict, list[dict]]:
   """Trains the classifier; returns (backbone params, history of {step, loss, val_accuracy})."""
+  check(o)
   t0 = time.time()
   model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub)
   cells = o.img_size // vit.create(o.variant).patch_size * o.segment_sub
