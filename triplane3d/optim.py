@@ -33,10 +33,11 @@ def schedule(optim_cfg: mlc.ConfigDict, num_steps: int) -> optax.Schedule:
 def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
   """Labels every parameter with its group; returns (label tree, label → multiplier)."""
   rules = [(re.compile(pat), float(mult)) for pat, mult in lr_mults]
-  unmatched = []
+  names, unmatched = [], []
 
   def label(path, _):
     name = jax.tree_util.keystr(path, simple=True, separator='/')
+    names.append(name)
     for i, (pat, mult) in enumerate(rules):
       if pat.fullmatch(name):
         return 'frozen' if mult == 0 else f'group{i}'
@@ -44,10 +45,6 @@ def group_labels(params, lr_mults) -> tuple[dict, dict[str, float]]:
     return 'unmatched'
 
   labels = jax.tree_util.tree_map_with_path(label, params)
-  names = [
-    jax.tree_util.keystr(p, simple=True, separator='/')
-    for p, _ in jax.tree_util.tree_leaves_with_path(params)
-  ]
   for pat, _ in rules:
     if any(pat.fullmatch(n) for n in names):
       continue

@@ -53,10 +53,7 @@ def save_dinov2(params: dict, path: str) -> None:
       torch.save({k: torch.from_numpy(v.copy()) for k, v in state.items()}, tmp)  # Writable.
     else:
       raise ValueError(f'unknown export format {path!r}: use .safetensors or .pth.')
-    # mkstemp creates the file private (0600); give it the permissions a plain write would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    hf.chmod_as_created(tmp, 0o666)  # mkstemp creates the file private (0600).
     os.replace(tmp, path)
   finally:
     if os.path.exists(tmp):

@@ -29,6 +29,14 @@ from triplane3d.models import vit
 CONFIG, WEIGHTS = 'config.json', 'model.safetensors'
 
 
+def chmod_as_created(path: str, mode: int) -> None:
+  """Gives `path` the permissions a plain open/mkdir with `mode` would (`mode` & ~umask):
+  tempfile makes its files and directories private, which a renamed export should not be."""
+  umask = os.umask(0)  # The only way to read the umask is to set it.
+  os.umask(umask)
+  os.chmod(path, mode & ~umask)
+
+
 def hf_config(model: vit.DinoViT) -> dict:
   """The `config.json` dict that makes transformers rebuild `model`'s architecture."""
   regs = model.num_registers > 0
@@ -89,9 +97,7 @@ def save_hf(params: dict, path: str, model: vit.DinoViT | None = None) -> None:
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={'format': 'pt'})
     with open(os.path.join(tmp, CONFIG), 'w') as f:
       json.dump(hf_config(model), f, indent=2, sort_keys=True)
-    umask = os.umask(0)  # mkdtemp makes the directory private (0700); give it a mkdir's mode.
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    chmod_as_created(tmp, 0o777)  # mkdtemp makes the directory private (0700).
     if os.path.lexists(path):  # A directory cannot be os.replace'd onto: move the old aside.
       aside = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.', suffix='.old')
       os.rename(path, os.path.join(aside, 'old'))
