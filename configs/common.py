@@ -123,6 +123,14 @@ def get_base_config() -> mlc.ConfigDict:
   # The precomputed pseudo-depth dataset; empty: '<data.name>_depth' (precompute_depth's default).
   c.data.depth_name = ''
   c.data.num_synthetic = 0  # Synthetic source only: number of scenes to generate.
+  # Synthetic source only: the probability that a scene's object has its class's own texture
+  # (else a texture drawn independently of the class). 1: texture always predicts the shape.
+  c.data.synthetic_texture_prob = 1.0
+  # Synthetic source only: store a degraded depth, as a cheap depth estimator would give it
+  # (data/synthetic.py `degrade_depth`): Gaussian blur (pixels of the generated images) and
+  # noise (std, scene units). 0, 0: exact depth. Held-out scenes are scored on exact depth.
+  c.data.synthetic_depth_blur = 0.0
+  c.data.synthetic_depth_noise = 0.0
   c.data.subset_size = 0  # > 0: train on a fixed random subset of N examples (ablation).
   c.data.crop_scale = (0.08, 1.0)  # Random resized crop (scale, ratio).
   c.data.crop_ratio = (3.0 / 4.0, 4.0 / 3.0)

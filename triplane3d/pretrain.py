@@ -42,6 +42,7 @@ class Options:
   variant: str = 'vit_tiny14'
   img_size: int = 112
   texture_mode: str = 'class'  # As the demo's scenes: each shape has its own texture.
+  texture_class_prob: float = 1.0  # texture_mode='mixed': how often a shape has its own texture.
   num_scenes: int = 16384
   num_val: int = 1024
   # Far from the demo's scenes (config.seed: 0) and the evaluation suite's sets (seeds 1000-1008,
@@ -58,34 +59,48 @@ class Options:
   # patch features are known to (its objects segment with a linear probe). 0 turns it off.
   segment_weight: float = 1.0
   segment_sub: int = 2
+  # What a cell is labelled with: 'shape' (background or which shape: 6 classes) or 'object'
+  # (background or any object: where the objects are, not what they are).
+  segment_labels: str = 'shape'
   seed: int = 0
   log_every: int = 500
 
 
 def scenes(
-  seed: int, n: int, img_size: int, texture_mode: str, cells: int = 0
+  seed: int,
+  n: int,
+  img_size: int,
+  texture_mode: str,
+  cells: int = 0,
+  texture_class_prob: float = 1.0,
+  segment_labels: str = 'shape',
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Scenes 0..n-1 of generator seed `seed`.
+  """Scenes 0..n-1 of generator seed `seed` (`synthetic.sample_scene`'s texture options).
 
   Returns:
     images uint8 (n, S, S, 3); shape labels int32 (n,); and, where `cells` > 0, per-cell
     class fractions float16 (n, cells, cells, 1 + len(SHAPES)): which share of each of a
     cells × cells grid's pixels sees the background (class 0) or an object of shape k (class
-    k + 1; distractors count by their shape). `cells` must divide S.
+    k + 1; distractors count by their shape), or with segment_labels='object' of 2 classes
+    (background, any object). `cells` must divide S.
   """
   camera = Camera.from_config(common.get_base_config().camera)
   images = np.empty((n, img_size, img_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
-  num_classes = 1 + len(synthetic.SHAPES)
+  num_classes = 1 + (len(synthetic.SHAPES) if segment_labels == 'shape' else 1)
   fractions = np.zeros((n, cells, cells, num_classes), np.float16)
   if cells and img_size % cells:
     raise ValueError(f'cells={cells} must divide img_size={img_size}.')
   for i in range(n):
-    scene = synthetic.sample_scene(i, seed, texture_mode=texture_mode)
+    scene = synthetic.sample_scene(
+      i, seed, texture_mode=texture_mode, texture_class_prob=texture_class_prob
+    )
     images[i], _, ids = synthetic.render_with_ids(scene, camera, img_size)
     labels[i] = scene['labels']['label']
     if cells:
       shape_of = np.asarray([synthetic.SHAPES.index(o['shape']) + 1 for o in scene['objects']])
+      if segment_labels == 'object':
+        shape_of = np.ones_like(shape_of)
       cls = np.where(ids >= 0, shape_of[np.maximum(ids, 0)], 0)
       onehot = np.eye(num_classes, dtype=np.float32)[cls]
       p = img_size // cells
@@ -104,6 +119,7 @@ class Classifier(nn.Module):
   variant: str
   num_classes: int
   sub: int = 2
+  segment_classes: int = 0  # 0: 1 + num_classes (background or which shape).
 
   @nn.compact
   def __call__(self, x_bhwc):
@@ -112,7 +128,7 @@ class Classifier(nn.Module):
     z = jnp.concatenate([f['x_norm_clstoken'], patches.mean(1)], -1)
     logits = nn.Dense(self.num_classes, name='head')(z)
     b, n, _ = patches.shape
-    g, k, c = math.isqrt(n), self.sub, self.num_classes + 1
+    g, k, c = math.isqrt(n), self.sub, self.segment_classes or self.num_classes + 1
     cells = nn.Dense(k * k * c, name='segment_head')(patches).reshape(b, g, g, k, k, c)
     return logits, cells.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * k, g * k, c)
 
@@ -129,23 +145,55 @@ def check(o: Options) -> None:
     problems.append(f'warmup_steps={o.warmup_steps} must be in [0, steps={o.steps})')
   if (patch // o.segment_sub) * o.segment_sub != patch:
     problems.append(f'segment_sub={o.segment_sub} must divide the patch size {patch}')
+  if o.segment_labels not in ('shape', 'object'):
+    problems.append(f"segment_labels={o.segment_labels!r} must be 'shape' or 'object'")
+  if o.texture_mode not in ('class', 'mixed', 'random', 'conflict'):
+    problems.append(f"texture_mode={o.texture_mode!r} must be 'class', 'mixed' or 'random'")
+  if not 0 <= o.texture_class_prob <= 1:
+    problems.append(f'texture_class_prob={o.texture_class_prob} must be in [0, 1]')
   if o.scene_seed == o.val_seed:
     problems.append('scene_seed and val_seed must differ (validation on other scenes)')
   if problems:
     raise ValueError('pretrain options: ' + '; '.join(problems) + '.')
 
 
-def train(o: Options) -> tuple[dict, list[dict]]:
-  """Trains the classifier; returns (backbone params, history of {step, loss, val_accuracy})."""
+def render_sets(o: Options) -> dict[str, np.ndarray]:
+  """The training and validation scenes of `o`: {'x', 'y', 'seg'} and {'x_val', 'y_val',
+  'seg_val'} (`scenes`), rendered once; pass them to `train` to reuse them."""
+  cells = o.img_size // vit.create(o.variant).patch_size * o.segment_sub
+  kw = {'texture_class_prob': o.texture_class_prob, 'segment_labels': o.segment_labels}
+  out = {}
+  for suffix, seed, n in (('', o.scene_seed, o.num_scenes), ('_val', o.val_seed, o.num_val)):
+    x, y, seg = scenes(seed, n, o.img_size, o.texture_mode, cells, **kw)
+    out.update({'x' + suffix: x, 'y' + suffix: y, 'seg' + suffix: seg})
+  return out
+
+
+def train(
+  o: Options, *, init: dict | None = None, sets: dict | None = None
+) -> tuple[dict, list[dict]]:
+  """Trains the classifier from `init` (its full params, e.g. a previous `train`'s) or from
+  scratch, on `sets` (`render_sets(o)`; rendered here when None).
+
+  Returns:
+    (the classifier's params {'backbone', 'head', 'segment_head'}, history of {step, loss,
+    val_accuracy, val_object_iou}).
+  """
   check(o)
   t0 = time.time()
-  model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub)
-  cells = o.img_size // vit.create(o.variant).patch_size * o.segment_sub
-  x_train, y_train, s_train = scenes(o.scene_seed, o.num_scenes, o.img_size, o.texture_mode, cells)
-  x_val, y_val, s_val = scenes(o.val_seed, o.num_val, o.img_size, o.texture_mode, cells)
+  segment_classes = 2 if o.segment_labels == 'object' else 0
+  model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub, segment_classes)
+  sets = render_sets(o) if sets is None else sets
+  x_train, y_train, s_train = sets['x'], sets['y'], sets['seg']
+  x_val, y_val, s_val = sets['x_val'], sets['y_val'], sets['seg_val']
+  if len(x_train) < o.num_scenes or len(x_val) < o.num_val:
+    raise ValueError(f'sets hold {len(x_train)} + {len(x_val)} scenes; options need more.')
   logging.info('pretrain: %d + %d scenes in %.0f s', o.num_scenes, o.num_val, time.time() - t0)
   x0 = jnp.zeros((1, o.img_size, o.img_size, 3))
-  params = nn.meta.unbox(model.init(jax.random.key(o.seed), x0)['params'])
+  if init is None:
+    params = nn.meta.unbox(model.init(jax.random.key(o.seed), x0)['params'])
+  else:
+    params = jax.tree.map(jnp.asarray, init)
   sched = optax.warmup_cosine_decay_schedule(0.0, o.lr, o.warmup_steps, o.steps)
   tx = optax.adamw(sched, weight_decay=o.weight_decay)
   opt_state = tx.init(params)
@@ -171,14 +219,17 @@ def train(o: Options) -> tuple[dict, list[dict]]:
     """Shape accuracy, and the IoU of the cells predicted and labelled mostly object."""
     pred, fg = zip(
       *[
-        predict(p, transforms.imagenet_normalize(x_val[i : i + 256]))
+        predict(p, transforms.imagenet_normalize(x_val[i : min(i + 256, o.num_val)]))
         for i in range(0, o.num_val, 256)
       ]
     )
     pred, fg = np.concatenate(pred), np.concatenate(fg)
-    true_fg = s_val[..., 0] < 0.5
+    true_fg = s_val[: o.num_val, ..., 0] < 0.5
     iou = np.sum(fg & true_fg) / max(1, np.sum(fg | true_fg))
-    return {'val_accuracy': float(np.mean(pred == y_val)), 'val_object_iou': float(iou)}
+    return {
+      'val_accuracy': float(np.mean(pred == y_val[: o.num_val])),
+      'val_object_iou': float(iou),
+    }
 
   rng = np.random.default_rng(o.seed)
   history = []
@@ -193,13 +244,13 @@ def train(o: Options) -> tuple[dict, list[dict]]:
     if i % o.log_every == 0 or i == o.steps:
       history.append({'step': i, 'loss': float(loss), **metrics(params)})
       logging.info('pretrain: %s (%.0f s)', history[-1], time.time() - t0)
-  return params['backbone'], history
+  return params, history
 
 
 def write(o: Options, out: str) -> dict:
   """Trains and writes `out` (DINOv2 keys) and `out + '.json'`; returns the JSON record."""
-  backbone, history = train(o)
-  convert.save_dinov2(backbone, out)
+  params, history = train(o)
+  convert.save_dinov2(params['backbone'], out)
   record = {
     'options': dataclasses.asdict(o),
     'val_accuracy': history[-1]['val_accuracy'],

@@ -115,6 +115,16 @@ class Data:
     return self.num_examples // batch_size
 
 
+def synthetic_options(config: mlc.ConfigDict) -> dict:
+  """`synthetic.sample_scene`'s texture options for `config.data` (the synthetic source)."""
+  p = float(config.data.synthetic_texture_prob)
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f'data.synthetic_texture_prob must be in [0, 1], got {p}.')
+  return (
+    {'texture_mode': 'class'} if p == 1.0 else {'texture_mode': 'mixed', 'texture_class_prob': p}
+  )
+
+
 def prepare(config: mlc.ConfigDict) -> Data:
   """Makes the training data ready, once: generates the synthetic scenes if they are missing
   (`synthetic.ensure_dataset`, idempotent), opens the image and depth datasets, checks that
@@ -128,6 +138,9 @@ def prepare(config: mlc.ConfigDict) -> Data:
       seed=config.seed,
       camera=Camera.from_config(config.camera),
       resolution=synthetic.default_resolution(config.render.resolution, config.model.img_size),
+      **synthetic_options(config),
+      depth_blur=config.data.synthetic_depth_blur,
+      depth_noise=config.data.synthetic_depth_noise,
     )
   src = sources.ImageDepthSource(data_dir, name, depth_name, split)
   if src.info is None and config.data.source == 'tfds':

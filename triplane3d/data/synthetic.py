@@ -14,6 +14,8 @@ Everything is deterministic: scene `i` draws from `np.random.default_rng([seed, 
 bytes do not depend on the order or sharding of generation. Variants for robustness tests:
 
   texture_mode='class'     class k (shape k) always has texture k: texture predicts shape.
+  texture_mode='mixed'     class k has texture k with probability `texture_class_prob`, else a
+                           texture drawn independently of the class (one draw per base scene).
   texture_mode='random'    texture independent of shape.
   texture_mode='conflict'  cue conflict: shape of class k with the texture of another class;
                            `label` is the shape class, `texture_label` the texture's class.
@@ -110,9 +112,14 @@ def _background(kind: str, d_n3: np.ndarray, tp: dict) -> np.ndarray:
   return _texture(kind, np.concatenate([uv, np.zeros_like(uv[:, :1])], -1) * 2.0, tp)
 
 
-def sample_scene(index: int, seed: int, *, texture_mode='class', variation=None) -> dict:
+def sample_scene(
+  index: int, seed: int, *, texture_mode='class', variation=None, texture_class_prob=1.0
+) -> dict:
   """The parameters and labels of scene `index` (a plain dict; see module docstring)."""
   base = index if variation is None else index // (len(TEXTURES) if variation == 'texture' else 3)
+  if texture_mode == 'mixed':  # Its own stream: the scene's other draws do not depend on it.
+    tied = np.random.default_rng([seed, base, 1]).random() < texture_class_prob
+    texture_mode = 'class' if tied else 'random'
   rng = np.random.default_rng([seed, base])
   shape = int(rng.integers(len(SHAPES)))
   size = int(rng.integers(len(SIZES)))
@@ -123,7 +130,9 @@ def sample_scene(index: int, seed: int, *, texture_mode='class', variation=None)
   elif texture_mode == 'conflict':
     texture = (shape + offset) % len(TEXTURES)
   elif texture_mode != 'random':
-    raise ValueError(f"texture_mode must be 'class', 'random' or 'conflict', got {texture_mode!r}.")
+    raise ValueError(
+      f"texture_mode must be 'class', 'mixed', 'random' or 'conflict', got {texture_mode!r}."
+    )
   if variation == 'texture':
     texture = index % len(TEXTURES)
   elif variation == 'size':
@@ -234,10 +243,36 @@ def image_features() -> tfds.features.FeaturesDict:
   )
 
 
-def example(index: int, seed: int, camera: Camera, resolution: int, **kw) -> tuple[dict, dict]:
-  """(image record, depth record) of scene `index`."""
+def degrade_depth(depth_hw, camera: Camera, blur: float, noise: float, rng) -> np.ndarray:
+  """Depth as a cheap estimator might give it: Gaussian blur of `blur` pixels (edges smeared
+  into the background), then i.i.d. Gaussian noise of std `noise` (scene units), clipped to
+  [near, far]. blur = noise = 0 returns the depth unchanged."""
+  out = np.asarray(depth_hw, np.float64)
+  if blur > 0:
+    from scipy import ndimage
+
+    out = ndimage.gaussian_filter(out, blur, mode='nearest')
+  if noise > 0:
+    out = out + rng.normal(0.0, noise, out.shape)
+  return np.clip(out, camera.near, camera.far) if blur > 0 or noise > 0 else out
+
+
+def example(
+  index: int,
+  seed: int,
+  camera: Camera,
+  resolution: int,
+  *,
+  depth_blur: float = 0.0,
+  depth_noise: float = 0.0,
+  **kw,
+) -> tuple[dict, dict]:
+  """(image record, depth record) of scene `index`; `depth_blur` / `depth_noise` > 0 store a
+  degraded depth (`degrade_depth`) instead of the exact one. `kw`: `sample_scene`'s options."""
   scene = sample_scene(index, seed, **kw)
   rgb, depth = render(scene, camera, resolution)
+  rng = np.random.default_rng([seed, index, 2])
+  depth = degrade_depth(depth, camera, depth_blur, depth_noise, rng)
   buf = io.BytesIO()
   Image.fromarray(rgb).save(buf, format='PNG')
   key = f'scene_{index:07d}'
@@ -274,8 +309,14 @@ def ensure_dataset(
   name: str = NAME,
   texture_mode: str = 'class',
   variation: str | None = None,
+  texture_class_prob: float = 1.0,
+  depth_blur: float = 0.0,
+  depth_noise: float = 0.0,
 ) -> None:
   """Generates the dataset unless it already exists with the same parameters (idempotent).
+
+  `texture_class_prob` applies to texture_mode='mixed'; `depth_blur` / `depth_noise` > 0 store
+  a degraded depth (`degrade_depth`).
 
   Written into a private temporary directory and moved into place, so concurrent callers (every
   host of a job) and interrupted runs never expose a partial dataset. An existing dataset made
@@ -291,6 +332,13 @@ def ensure_dataset(
     'variation': variation,
   }
   kw = {'texture_mode': texture_mode, 'variation': variation}
+  # Recorded only when used, so datasets generated before these options still match.
+  extra = {'texture_class_prob': float(texture_class_prob)} if texture_mode == 'mixed' else {}
+  extra.update(
+    {k: float(v) for k, v in (('depth_blur', depth_blur), ('depth_noise', depth_noise)) if v}
+  )
+  params.update(extra)
+  kw.update(extra)
   params_path = os.path.join(records.dataset_dir(data_dir, name), 'generation.json')
   if records.is_prepared(data_dir, name) and records.is_prepared(data_dir, depth_name):
     with open(params_path) as f:

@@ -81,7 +81,9 @@ def scene_example(config: mlc.ConfigDict, index: int, seed: int | None = None) -
   """
   camera = Camera.from_config(config.camera)
   res = synthetic.default_resolution(config.render.resolution, config.model.img_size)
-  image, depth = synthetic.example(index, config.seed if seed is None else seed, camera, res)
+  seed = config.seed if seed is None else seed
+  # The training set's textures, but always the exact depth (never data.synthetic_depth_*).
+  image, depth = synthetic.example(index, seed, camera, res, **pipeline.synthetic_options(config))
   record = {
     'image': image['image'],
     'label': image['label'],

@@ -73,15 +73,16 @@ class SceneSet:
 
   def _scenes(self):
     """The first `count` scene parameter dicts that pass the filters, in index order."""
-    per_base = {None: 1, 'texture': len(synthetic.TEXTURES), 'size': len(synthetic.SIZES)}
     scenes, index = [], 0
     while len(scenes) < self.count:
-      base = index // per_base[self.variation]
-      mode = self.texture
-      if mode == 'mixed':  # One draw per base scene: all its renders share the decision.
-        tied = np.random.default_rng([self.seed, base, 1]).random() < self.tied
-        mode = 'class' if tied else 'random'
-      scene = synthetic.sample_scene(index, self.seed, texture_mode=mode, variation=self.variation)
+      # 'mixed': one draw per base scene, so all its renders share the decision.
+      scene = synthetic.sample_scene(
+        index,
+        self.seed,
+        texture_mode=self.texture,
+        variation=self.variation,
+        texture_class_prob=self.tied,
+      )
       if self.sizes is None or scene['labels']['size_label'] in self.sizes:
         scenes.append(scene)
       index += 1
