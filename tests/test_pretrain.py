@@ -19,13 +19,14 @@ def _shapes(tree):
 
 
 def test_scenes_carry_their_generators_labels():
-  images, labels, fractions = pretrain.scenes(7, 6, 28, 'class', cells=4)
+  images, labels, fractions, textures = pretrain.scenes(7, 6, 28, 'class', cells=4)
   assert images.shape == (6, 28, 28, 3) and images.dtype == np.uint8
   assert fractions.shape == (6, 4, 4, 1 + len(synthetic.SHAPES))
   camera = pretrain.Camera.from_config(pretrain.common.get_base_config().camera)
   for i in range(6):
     scene = synthetic.sample_scene(i, 7, texture_mode='class')
     assert labels[i] == scene['labels']['label']
+    assert textures[i] == scene['labels']['texture_label']
     rgb, depth = synthetic.render(scene, camera, 28)
     np.testing.assert_array_equal(images[i], rgb)
     # The background share of each 7×7 cell, counted from the depth map instead of the ids.
@@ -88,8 +89,27 @@ def test_the_demo_starts_from_the_shipped_weights():
     ({'segment_sub': 3}, 'segment_sub=3 must divide'),
     ({'val_seed': 3001}, 'must differ'),
     ({'batch_size': 0}, 'must be ≥ 1'),
+    ({'shuffle_prob': 1.5}, 'shuffle_prob=1.5 must be in'),
+    ({'segment_labels': 'parts'}, "segment_labels='parts'"),
+    ({'texture_class_prob': -0.1}, 'texture_class_prob=-0.1'),
   ],
 )
 def test_options_that_cannot_work_are_refused(bad, message):
   with pytest.raises(ValueError, match=message):
     pretrain.train(pretrain.Options(**bad))
+
+
+def test_shuffled_patches_keep_every_patch_and_carry_their_cell_labels():
+  g, patch, k, b = 4, 14, 2, 3
+  ids = np.arange(b * g * g).reshape(b, g, g)  # A distinct value per patch.
+  x = np.repeat(np.repeat(ids, patch, 1), patch, 2)[..., None].repeat(3, -1).astype(np.int32)
+  seg = np.repeat(np.repeat(ids, k, 1), k, 2)[..., None].astype(np.float32)
+  which = np.asarray([True, False, True])
+  x2, seg2 = pretrain.shuffle_patches(x, seg, patch, which, np.random.default_rng(0))
+  np.testing.assert_array_equal(x2[1], x[1])  # Not chosen: unchanged.
+  for i in (0, 2):
+    got = x2[i, ::patch, ::patch, 0]
+    assert sorted(got.ravel()) == sorted(ids[i].ravel()) and not np.array_equal(got, ids[i])
+    assert np.all(x2[i] == np.repeat(np.repeat(got, patch, 0), patch, 1)[..., None])  # Whole.
+    np.testing.assert_array_equal(seg2[i, ::k, ::k, 0], got)  # Labels moved with the pixels.
+  assert np.array_equal(x[0, ::patch, ::patch, 0], ids[0])  # The input is not modified.

@@ -62,6 +62,13 @@ class Options:
   # What a cell is labelled with: 'shape' (background or which shape: 6 classes) or 'object'
   # (background or any object: where the objects are, not what they are).
   segment_labels: str = 'shape'
+  # The probability that a training image's patches are shuffled (a random permutation of its
+  # patch grid; its cell labels move with them): such an image keeps every local cue, texture
+  # first, and loses the global shape. > 0 makes a texture-biased backbone (the testbed's).
+  shuffle_prob: float = 0.0
+  # Also name the main object's texture family (a linear head beside the shape head, this
+  # weight): makes texture easy to read from the features, as it is from DINOv2's. 0: off.
+  texture_weight: float = 0.0
   seed: int = 0
   log_every: int = 500
 
@@ -74,7 +81,7 @@ def scenes(
   cells: int = 0,
   texture_class_prob: float = 1.0,
   segment_labels: str = 'shape',
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Scenes 0..n-1 of generator seed `seed` (`synthetic.sample_scene`'s texture options).
 
   Returns:
@@ -82,11 +89,13 @@ def scenes(
     class fractions float16 (n, cells, cells, 1 + len(SHAPES)): which share of each of a
     cells × cells grid's pixels sees the background (class 0) or an object of shape k (class
     k + 1; distractors count by their shape), or with segment_labels='object' of 2 classes
-    (background, any object). `cells` must divide S.
+    (background, any object); and the main object's texture labels int32 (n,). `cells` must
+    divide S.
   """
   camera = Camera.from_config(common.get_base_config().camera)
   images = np.empty((n, img_size, img_size, 3), np.uint8)
   labels = np.empty((n,), np.int32)
+  texture_labels = np.empty((n,), np.int32)
   num_classes = 1 + (len(synthetic.SHAPES) if segment_labels == 'shape' else 1)
   fractions = np.zeros((n, cells, cells, num_classes), np.float16)
   if cells and img_size % cells:
@@ -97,6 +106,7 @@ def scenes(
     )
     images[i], _, ids = synthetic.render_with_ids(scene, camera, img_size)
     labels[i] = scene['labels']['label']
+    texture_labels[i] = scene['labels']['texture_label']
     if cells:
       shape_of = np.asarray([synthetic.SHAPES.index(o['shape']) + 1 for o in scene['objects']])
       if segment_labels == 'object':
@@ -105,7 +115,7 @@ def scenes(
       onehot = np.eye(num_classes, dtype=np.float32)[cls]
       p = img_size // cells
       fractions[i] = onehot.reshape(cells, p, cells, p, num_classes).mean((1, 3))
-  return images, labels, fractions
+  return images, labels, fractions, texture_labels
 
 
 class Classifier(nn.Module):
@@ -120,6 +130,7 @@ class Classifier(nn.Module):
   num_classes: int
   sub: int = 2
   segment_classes: int = 0  # 0: 1 + num_classes (background or which shape).
+  num_textures: int = 0  # > 0: a texture head too (its logits are returned third, else None).
 
   @nn.compact
   def __call__(self, x_bhwc):
@@ -130,7 +141,30 @@ class Classifier(nn.Module):
     b, n, _ = patches.shape
     g, k, c = math.isqrt(n), self.sub, self.segment_classes or self.num_classes + 1
     cells = nn.Dense(k * k * c, name='segment_head')(patches).reshape(b, g, g, k, k, c)
-    return logits, cells.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * k, g * k, c)
+    tex = nn.Dense(self.num_textures, name='texture_head')(z) if self.num_textures else None
+    return logits, cells.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * k, g * k, c), tex
+
+
+def shuffle_patches(x_bhwc, seg_bhwc, patch: int, which_b, rng):
+  """Permutes the patch grid of the images `which_b` (bool (B,)), each with its own random
+  permutation, and their cell labels with them (cells tile the patches: seg is (B, G·k, G·k,
+  C) for G × G patches). Returns new (images, cells)."""
+  x, seg = x_bhwc.copy(), seg_bhwc.copy()
+  s = x.shape[1]
+  g = s // patch
+  k = seg.shape[1] // g
+
+  def tiles(a, t):  # (H, W, C) → (G·G, t, t, C)
+    return a.reshape(g, t, g, t, -1).transpose(0, 2, 1, 3, 4).reshape(g * g, t, t, -1)
+
+  def untiles(a, t):
+    return a.reshape(g, g, t, t, -1).transpose(0, 2, 1, 3, 4).reshape(g * t, g * t, -1)
+
+  for i in np.flatnonzero(which_b):
+    perm = rng.permutation(g * g)
+    x[i] = untiles(tiles(x[i], patch)[perm], patch)
+    seg[i] = untiles(tiles(seg[i], k)[perm], k)
+  return x, seg
 
 
 def check(o: Options) -> None:
@@ -149,6 +183,8 @@ def check(o: Options) -> None:
     problems.append(f"segment_labels={o.segment_labels!r} must be 'shape' or 'object'")
   if o.texture_mode not in ('class', 'mixed', 'random', 'conflict'):
     problems.append(f"texture_mode={o.texture_mode!r} must be 'class', 'mixed' or 'random'")
+  if not 0 <= o.shuffle_prob <= 1:
+    problems.append(f'shuffle_prob={o.shuffle_prob} must be in [0, 1]')
   if not 0 <= o.texture_class_prob <= 1:
     problems.append(f'texture_class_prob={o.texture_class_prob} must be in [0, 1]')
   if o.scene_seed == o.val_seed:
@@ -164,8 +200,8 @@ def render_sets(o: Options) -> dict[str, np.ndarray]:
   kw = {'texture_class_prob': o.texture_class_prob, 'segment_labels': o.segment_labels}
   out = {}
   for suffix, seed, n in (('', o.scene_seed, o.num_scenes), ('_val', o.val_seed, o.num_val)):
-    x, y, seg = scenes(seed, n, o.img_size, o.texture_mode, cells, **kw)
-    out.update({'x' + suffix: x, 'y' + suffix: y, 'seg' + suffix: seg})
+    x, y, seg, tex = scenes(seed, n, o.img_size, o.texture_mode, cells, **kw)
+    out.update({'x' + suffix: x, 'y' + suffix: y, 'seg' + suffix: seg, 'tex' + suffix: tex})
   return out
 
 
@@ -182,9 +218,10 @@ def train(
   check(o)
   t0 = time.time()
   segment_classes = 2 if o.segment_labels == 'object' else 0
-  model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub, segment_classes)
+  num_textures = len(synthetic.TEXTURES) if o.texture_weight > 0 else 0
+  model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub, segment_classes, num_textures)
   sets = render_sets(o) if sets is None else sets
-  x_train, y_train, s_train = sets['x'], sets['y'], sets['seg']
+  x_train, y_train, s_train, tex_train = sets['x'], sets['y'], sets['seg'], sets['tex']
   x_val, y_val, s_val = sets['x_val'], sets['y_val'], sets['seg_val']
   if len(x_train) < o.num_scenes or len(x_val) < o.num_val:
     raise ValueError(f'sets hold {len(x_train)} + {len(x_val)} scenes; options need more.')
@@ -198,21 +235,25 @@ def train(
   tx = optax.adamw(sched, weight_decay=o.weight_decay)
   opt_state = tx.init(params)
 
-  def loss_fn(p, x, y, seg):
-    logits, cell_logits = model.apply({'params': p}, x)
+  def loss_fn(p, x, y, seg, tex):
+    logits, cell_logits, tex_logits = model.apply({'params': p}, x)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     seg_loss = optax.softmax_cross_entropy(cell_logits, seg).mean()
+    if tex_logits is not None:
+      loss += (
+        o.texture_weight * optax.softmax_cross_entropy_with_integer_labels(tex_logits, tex).mean()
+      )
     return loss + o.segment_weight * seg_loss
 
   @jax.jit
-  def step(p, s, x, y, seg):
-    loss, g = jax.value_and_grad(loss_fn)(p, x, y, seg)
+  def step(p, s, x, y, seg, tex):
+    loss, g = jax.value_and_grad(loss_fn)(p, x, y, seg, tex)
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s, loss
 
   @jax.jit
   def predict(p, x):
-    logits, cell_logits = model.apply({'params': p}, x)
+    logits, cell_logits, _ = model.apply({'params': p}, x)
     return logits.argmax(-1), cell_logits.argmax(-1) > 0
 
   def metrics(p) -> dict:
@@ -232,14 +273,22 @@ def train(
     }
 
   rng = np.random.default_rng(o.seed)
+  patch = vit.create(o.variant).patch_size
   history = []
   for i in range(1, o.steps + 1):
     idx = rng.integers(0, o.num_scenes, o.batch_size)
     flip = rng.random(o.batch_size) < 0.5  # Horizontal flips, as in the demo's pipeline.
     x = np.where(flip[:, None, None, None], x_train[idx, :, ::-1], x_train[idx])
     seg = np.where(flip[:, None, None, None], s_train[idx, :, ::-1], s_train[idx])
+    if o.shuffle_prob > 0:
+      x, seg = shuffle_patches(x, seg, patch, rng.random(o.batch_size) < o.shuffle_prob, rng)
     params, opt_state, loss = step(
-      params, opt_state, transforms.imagenet_normalize(x), y_train[idx], seg.astype(np.float32)
+      params,
+      opt_state,
+      transforms.imagenet_normalize(x),
+      y_train[idx],
+      seg.astype(np.float32),
+      tex_train[idx],
     )
     if i % o.log_every == 0 or i == o.steps:
       history.append({'step': i, 'loss': float(loss), **metrics(params)})

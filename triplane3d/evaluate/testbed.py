@@ -19,8 +19,9 @@ Stages, each resumable (a stage that finished is read back, an interrupted one c
                  cue-conflict shape bias, per-patch depth probe RMSE. `--split=val` evaluates on
                  the suite's sets drawn from other seeds: where knobs are chosen.
   4. report      OUT/<split>/results.md (mean ± std over seeds), shape_bias.png (per arm, seeds
-                 as points, like the paper's Figure 4), reconstructions.png (held-out scenes of
-                 each reconstruction arm, seed 0) and results.json.
+                 as points, like the paper's Figure 4), reconstructions.png (each
+                 reconstruction arm's renders of the same training scenes, seed 0) and
+                 results.json.
 
 OUT/testbed.json records the config: resuming with another one is refused (use another OUT).
 """
@@ -99,6 +100,8 @@ def teacher_options(tb, seed: int, **changes):
     warmup_steps=t.warmup_steps,
     segment_weight=t.segment_weight,
     segment_labels=t.segment_labels,
+    shuffle_prob=t.shuffle_prob,
+    texture_weight=t.texture_weight,
     seed=seed,
     log_every=max(1, t.steps // 4),
   )
@@ -375,7 +378,8 @@ def shape_bias_figure(table: dict, path: str) -> None:
 
 
 def reconstructions_figure(out: str, seed: int, path: str) -> bool:
-  """The reconstruction arms' final image grids (held-out examples) of one seed, stacked."""
+  """The reconstruction arms' final image grids of one seed, stacked: the trainer's fixed
+  examples (input | RGB | depth | targets), the same scenes for every arm."""
   from PIL import Image, ImageDraw
 
   from triplane3d.evaluate import figures

@@ -1,0 +1,231 @@
+"""The shape-bias testbed (`triplane3d.evaluate.testbed`): its data ties texture to class at
+the configured rate, its shifted sets change only the intended factor, its generator seeds are
+disjoint, its degraded depth is what it says, and the tiny pipeline runs end to end, resumes
+stage by stage and writes a table and figures that agree with the evaluation's numbers."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from triplane3d import pretrain
+from triplane3d.configs import testbed as testbed_config
+from triplane3d.configs.eval import common as eval_common
+from triplane3d.data import pipeline, synthetic
+from triplane3d.evaluate import synthetic_suite, testbed
+from triplane3d.render.camera import Camera
+
+TB = testbed_config.get_config('small')
+
+
+def _tie_rate(scenes) -> float:
+  return float(np.mean([s['labels']['label'] == s['labels']['texture_label'] for s in scenes]))
+
+
+def _binomial_ok(rate: float, p: float, n: int) -> bool:
+  return abs(rate - p) <= 4 * np.sqrt(p * (1 - p) / n)
+
+
+@pytest.mark.parametrize('p', [0.9, 0.5, 0.0])
+def test_mixed_textures_tie_texture_to_class_at_the_configured_rate(p):
+  n = 3000
+  scenes = [
+    synthetic.sample_scene(i, 77, texture_mode='mixed', texture_class_prob=p) for i in range(n)
+  ]
+  # Tied with probability p, else a uniform texture (which is the class's own 1 time in 5).
+  expected = p + (1 - p) / len(synthetic.TEXTURES)
+  assert _binomial_ok(_tie_rate(scenes), expected, n), (_tie_rate(scenes), expected)
+
+
+def test_the_teacher_and_every_arm_train_on_the_configured_tie():
+  o = testbed.teacher_options(TB, 0)
+  assert (o.texture_mode, o.texture_class_prob) == ('mixed', TB.texture_prob)
+  _, labels, _, _ = pretrain.scenes(o.scene_seed, 1, 28, o.texture_mode, texture_class_prob=0.9)
+  n = 2000
+  teacher_scenes = [
+    synthetic.sample_scene(i, o.scene_seed, texture_mode='mixed', texture_class_prob=0.9)
+    for i in range(n)
+  ]
+  assert _binomial_ok(_tie_rate(teacher_scenes), 0.92, n)
+  assert labels[0] == teacher_scenes[0]['labels']['label']
+  for arm in testbed.ARMS[:-1]:
+    c = testbed.arm_config(TB, '/out', 0, arm)
+    assert c.data.synthetic_texture_prob == TB.texture_prob
+    assert pipeline.synthetic_options(c) == {'texture_mode': 'mixed', 'texture_class_prob': 0.9}
+  # 'mixed' at 1 is 'class', scene for scene.
+  for i in range(50):
+    a = synthetic.sample_scene(i, 3, texture_mode='mixed', texture_class_prob=1.0)
+    b = synthetic.sample_scene(i, 3, texture_mode='class')
+    assert a['labels'] == b['labels']
+
+
+def _without(scene: dict, factor: str) -> str:
+  """The scene's parameters as text, with the object's `factor` (and its label) left out."""
+  s = {k: v for k, v in scene.items() if k != 'labels'}
+  s['objects'] = [dict(o) for o in scene['objects']]
+  s['objects'][0].pop(factor)
+  labels = {k: v for k, v in scene['labels'].items() if k != f'{factor}_label'}
+  return repr((s, labels))
+
+
+@pytest.mark.parametrize('factor', ['texture', 'size'])
+def test_shifted_sets_change_only_the_intended_factor(factor, tmp_path):
+  suite = synthetic_suite.SyntheticSuite(_eval_config(), str(tmp_path))
+  shifted = suite.sets[factor]
+  scenes = shifted._scenes()
+  by_base: dict[int, list] = {}
+  for s in scenes:
+    by_base.setdefault(s['labels']['base_id'], []).append(s)
+  multi = [group for group in by_base.values() if len(group) > 1]
+  assert multi, 'no base scene rendered twice'
+  for group in multi:
+    rest = {_without(s, factor) for s in group}
+    assert len(rest) == 1, 'renders of one base scene differ in more than the factor'
+    values = [s['labels'][f'{factor}_label'] for s in group]
+    assert len(set(values)) == len(values)
+  if factor == 'size':  # Only the sizes the probe never trained on.
+    train_size = synthetic_suite.SIZE_NAMES.index('medium')
+    assert all(s['labels']['size_label'] != train_size for s in scenes)
+  else:  # Novel textures: the same size as the training set.
+    assert {s['labels']['size_label'] for s in scenes} == {1}
+
+
+def test_cue_conflict_set_pairs_each_shape_with_another_class_texture(tmp_path):
+  suite = synthetic_suite.SyntheticSuite(_eval_config(), str(tmp_path))
+  scenes = suite.sets['conflict']._scenes()
+  assert all(s['labels']['label'] != s['labels']['texture_label'] for s in scenes)
+  assert len({s['labels']['label'] for s in scenes}) == 5
+
+
+def _eval_config():
+  c = eval_common.get_base_config()
+  c.img_size = 28
+  c.synthetic.num_shift = 60
+  return c
+
+
+def test_generator_seeds_are_disjoint():
+  """Teacher, fine-tuning, validation-suite and test-suite scenes never share a seed (nor the
+  demo's 0 and 1, nor the shipped stand-in's 3001-3002)."""
+  seeds = 5
+  groups = {
+    'teacher': {TB.teacher.scene_seed, TB.teacher.val_seed},
+    'finetune': {TB.finetune.data_seed + s for s in range(seeds)},
+    'test suite': set(range(TB.eval.test_seed, TB.eval.test_seed + 9)),
+    'val suite': set(range(TB.eval.val_seed, TB.eval.val_seed + 9)),
+    'demo and stand-in': {0, 1, 3001, 3002},
+  }
+  names = list(groups)
+  for i, a in enumerate(names):
+    for b in names[i + 1 :]:
+      assert not groups[a] & groups[b], (a, b)
+
+
+def test_degraded_depth_blurs_and_adds_noise_inside_the_camera_range():
+  cam = Camera()
+  depth = np.full((32, 32), cam.far)
+  depth[:, :16] = 2.0  # A step edge.
+  same = synthetic.degrade_depth(depth, cam, 0.0, 0.0, np.random.default_rng(0))
+  np.testing.assert_array_equal(same, depth)
+  blurred = synthetic.degrade_depth(depth, cam, 2.0, 0.0, np.random.default_rng(0))
+  # Float64 reference: a 1D Gaussian of σ = 2 across the edge (the rows are constant).
+  x = np.arange(-8, 9)
+  k = np.exp(-0.5 * (x / 2.0) ** 2)
+  k /= k.sum()
+  row = np.pad(depth[0], 8, mode='edge')
+  np.testing.assert_allclose(blurred[5], np.convolve(row, k, mode='valid'), atol=1e-6)
+  noisy = synthetic.degrade_depth(depth, cam, 0.0, 0.05, np.random.default_rng(0))
+  assert noisy.min() >= cam.near and noisy.max() <= cam.far
+  assert 0.04 < np.std((noisy - depth)[:, :16]) < 0.06  # Left half: never clipped.
+
+
+def test_degraded_arm_trains_on_degraded_depth_but_is_scored_on_exact(tmp_path):
+  from triplane3d.evaluate import reconstruction
+
+  c = testbed.arm_config(TB, str(tmp_path), 0, 'degraded_depth')
+  c.data.num_synthetic = 2
+  c.eval.num_heldout = 1
+  exact = testbed.arm_config(TB, str(tmp_path), 0, '3d_prior')
+  exact.data.num_synthetic = 2
+  exact.eval.num_heldout = 1
+  for cfg in (c, exact):
+    pipeline.prepare(cfg)
+  src_deg = pipeline.prepare(c).source
+  src_exact = pipeline.prepare(exact).source
+  a, b = src_deg[0], src_exact[0]
+  assert a['image'] == b['image']  # The same scenes, other depth.
+  assert not np.array_equal(a['depth'], b['depth'])
+  held = reconstruction.heldout_scenes(c)
+  held_exact = reconstruction.heldout_scenes(exact)
+  np.testing.assert_array_equal(held['depth'], held_exact['depth'])
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  tb = testbed_config.get_config('tiny')
+  testbed.check_workdir(tb, str(tmp_path))
+  testbed.check_workdir(tb, str(tmp_path))  # Same config: fine.
+  tb.finetune.steps = 3
+  with pytest.raises(ValueError, match=r'finetune\.steps: 2 → 3'):
+    testbed.check_workdir(tb, str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('testbed'))
+  tb = testbed_config.get_config('tiny')
+  md = testbed.run(tb, out, [0], 'test')
+  return tb, out, md
+
+
+def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
+  _, out, md = tiny_run
+  d = os.path.join(out, 'test')
+  with open(os.path.join(d, 'results.json')) as f:
+    results = json.load(f)
+  with open(os.path.join(d, 'eval', 'results.json')) as f:
+    summary = json.load(f)
+  rows = [line.split('|')[1].strip() for line in md.splitlines() if line.startswith('| ')]
+  assert rows[1:] == list(testbed.ROWS)  # Header, then teacher and every arm.
+  for row in testbed.ROWS:
+    metrics = summary['results'][f'{row}-s0']['synthetic']['metrics']
+    for key in ('test_top1', 'shape_bias', 'depth_rmse'):
+      assert results['per_seed'][row][key] == [metrics[key]]
+      assert results['stats'][row][key]['mean'] == pytest.approx(metrics[key])
+    line = next(ln for ln in md.splitlines() if ln.startswith(f'| {row} |'))
+    assert f'{100 * metrics["shape_bias"]:.1f} ± 0.0' in line
+  for arm in testbed.ARMS[:-1]:  # Reconstruction arms report held-out metrics.
+    assert results['per_seed'][arm]['heldout_psnr'][0] > 0
+  assert results['per_seed']['more_teacher']['heldout_psnr'] == [None]
+  for name in ('shape_bias.png', 'reconstructions.png'):
+    with Image.open(os.path.join(d, name)) as im:
+      assert im.width > 200 and im.height > 200
+  assert set(results['wall_s']) == {'teacher', 'arms', 'evaluate', 'total'}
+
+
+def test_stages_resume(tiny_run, monkeypatch):
+  tb, out, _ = tiny_run
+  teacher_file = os.path.join(out, 'teacher', 'seed0', 'backbone.safetensors')
+  before = os.path.getmtime(teacher_file)
+  # Lose one arm's completion (as if it was interrupted) and the report.
+  os.remove(os.path.join(out, 'arms', 'seed0', 'rgb_only', 'done.json'))
+  os.remove(os.path.join(out, 'test', 'results.md'))
+  trained = []
+  real_arm = testbed.arm
+
+  def spy(tb_, out_, seed, name):
+    done = os.path.exists(os.path.join(out_, 'arms', f'seed{seed}', name, 'done.json'))
+    if not done:
+      trained.append(name)
+    return real_arm(tb_, out_, seed, name)
+
+  def no_teacher(*a, **k):
+    raise AssertionError('the teacher was trained again')
+
+  monkeypatch.setattr(testbed, 'arm', spy)
+  monkeypatch.setattr(pretrain, 'train', no_teacher)
+  md = testbed.run(tb, out, [0], 'test')
+  assert trained == ['rgb_only']
+  assert os.path.getmtime(teacher_file) == before
+  assert os.path.exists(os.path.join(out, 'test', 'results.md')) and '| rgb_only |' in md
