@@ -127,8 +127,9 @@ def get_base_config() -> mlc.ConfigDict:
   # (else a texture drawn independently of the class). 1: texture always predicts the shape.
   c.data.synthetic_texture_prob = 1.0
   # Synthetic source only: store a degraded depth, as a cheap depth estimator would give it
-  # (data/synthetic.py `degrade_depth`): Gaussian blur (pixels of the generated images) and
-  # noise (std, scene units). 0, 0: exact depth. Held-out scenes are scored on exact depth.
+  # (data/synthetic.py `degrade_depth`): Gaussian blur (σ in pixels of the renderer's targets,
+  # render.resolution) and noise (std in scene units, one value per target pixel). 0, 0: exact
+  # depth. Held-out scenes are scored on exact depth.
   c.data.synthetic_depth_blur = 0.0
   c.data.synthetic_depth_noise = 0.0
   c.data.subset_size = 0  # > 0: train on a fixed random subset of N examples (ablation).

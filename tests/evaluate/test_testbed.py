@@ -3,6 +3,7 @@ the configured rate, its shifted sets change only the intended factor, its gener
 disjoint, its degraded depth is what it says, and the tiny pipeline runs end to end, resumes
 stage by stage and writes a table and figures that agree with the evaluation's numbers."""
 
+import dataclasses
 import json
 import os
 
@@ -42,14 +43,11 @@ def test_mixed_textures_tie_texture_to_class_at_the_configured_rate(p):
 def test_the_teacher_and_every_arm_train_on_the_configured_tie():
   o = testbed.teacher_options(TB, 0)
   assert (o.texture_mode, o.texture_class_prob) == ('mixed', TB.texture_prob)
-  _, labels, _, _ = pretrain.scenes(o.scene_seed, 1, 28, o.texture_mode, texture_class_prob=0.9)
-  n = 2000
-  teacher_scenes = [
-    synthetic.sample_scene(i, o.scene_seed, texture_mode='mixed', texture_class_prob=0.9)
-    for i in range(n)
-  ]
-  assert _binomial_ok(_tie_rate(teacher_scenes), 0.92, n)
-  assert labels[0] == teacher_scenes[0]['labels']['label']
+  # What the teacher really trains on: render_sets with its options (fewer, smaller scenes).
+  n = 1500
+  sets = pretrain.render_sets(dataclasses.replace(o, num_scenes=n, num_val=8, img_size=28))
+  rate = float(np.mean(sets['y'] == sets['tex']))
+  assert _binomial_ok(rate, TB.texture_prob + (1 - TB.texture_prob) / 5, n), rate
   for arm in testbed.ARMS[:-1]:
     c = testbed.arm_config(TB, '/out', 0, arm)
     assert c.data.synthetic_texture_prob == TB.texture_prob
@@ -59,6 +57,17 @@ def test_the_teacher_and_every_arm_train_on_the_configured_tie():
     a = synthetic.sample_scene(i, 3, texture_mode='mixed', texture_class_prob=1.0)
     b = synthetic.sample_scene(i, 3, texture_mode='class')
     assert a['labels'] == b['labels']
+
+
+def test_more_teacher_sees_what_the_arms_see():
+  """Same scenes (seed, count, textures), steps and batch as the reconstruction arms."""
+  for seed in (0, 2):
+    o = testbed.more_teacher_options(TB, seed)
+    c = testbed.arm_config(TB, '/out', seed, '3d_prior')
+    assert o.scene_seed == c.seed and o.num_scenes == c.data.num_synthetic
+    assert (o.steps, o.batch_size) == (c.train.num_steps, c.train.batch_size)
+    assert (o.texture_mode, o.texture_class_prob) == ('mixed', c.data.synthetic_texture_prob)
+    assert o.seed == seed and o.img_size == c.model.img_size
 
 
 def _without(scene: dict, factor: str) -> str:
@@ -108,19 +117,19 @@ def _eval_config():
 
 def test_generator_seeds_are_disjoint():
   """Teacher, fine-tuning, validation-suite and test-suite scenes never share a seed (nor the
-  demo's 0 and 1, nor the shipped stand-in's 3001-3002)."""
-  seeds = 5
-  groups = {
-    'teacher': {TB.teacher.scene_seed, TB.teacher.val_seed},
-    'finetune': {TB.finetune.data_seed + s for s in range(seeds)},
-    'test suite': set(range(TB.eval.test_seed, TB.eval.test_seed + 9)),
-    'val suite': set(range(TB.eval.val_seed, TB.eval.val_seed + 9)),
-    'demo and stand-in': {0, 1, 3001, 3002},
-  }
-  names = list(groups)
-  for i, a in enumerate(names):
-    for b in names[i + 1 :]:
-      assert not groups[a] & groups[b], (a, b)
+  demo's 0 and 1, nor the shipped stand-in's 3001-3002); too many seeds are refused."""
+  groups = testbed.generator_seeds(TB, range(5))
+  for split in ('test', 'val'):  # Every set the suite draws is inside its group.
+    config = testbed.eval_config(TB, split, '')
+    suite = synthetic_suite.SyntheticSuite(config, '/unused')
+    assert {v.seed for v in suite.sets.values()} <= groups[
+      f'{split} suite'.replace('val ', 'validation ')
+    ]
+  testbed.check_seeds(TB, range(5))
+  union = set().union(*groups.values())
+  assert len(union) == sum(len(g) for g in groups.values())
+  with pytest.raises(ValueError, match='fine-tuning and validation suite'):
+    testbed.check_seeds(TB, range(1001))
 
 
 def test_degraded_depth_blurs_and_adds_noise_inside_the_camera_range():
@@ -139,6 +148,22 @@ def test_degraded_depth_blurs_and_adds_noise_inside_the_camera_range():
   noisy = synthetic.degrade_depth(depth, cam, 0.0, 0.05, np.random.default_rng(0))
   assert noisy.min() >= cam.near and noisy.max() <= cam.far
   assert 0.04 < np.std((noisy - depth)[:, :16]) < 0.06  # Left half: never clipped.
+
+
+def test_block_noise_survives_the_resize_to_the_targets():
+  cam = Camera()
+  depth = np.full((112, 112), 2.0)
+  noisy = synthetic.degrade_depth(depth, cam, 0.0, 0.05, np.random.default_rng(0), 32)
+  # Constant over each target pixel's block: the area resize to 32² keeps the std.
+  assert len(np.unique(noisy[:3, :3])) == 1
+  assert 0.04 < np.std(noisy) < 0.06
+  with pytest.raises(ValueError, match='>= 0'):
+    synthetic.degrade_depth(depth, cam, -1.0, 0.0, np.random.default_rng(0))
+
+
+def test_degraded_targets_are_measurably_worse_at_the_renderers_side():
+  err = testbed.degraded_target_error(TB, 0, num=8)
+  assert err['rmse'] > 0.04 and err['abs'] > 0.02, err
 
 
 def test_degraded_arm_trains_on_degraded_depth_but_is_scored_on_exact(tmp_path):
@@ -201,13 +226,19 @@ def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
   for name in ('shape_bias.png', 'reconstructions.png'):
     with Image.open(os.path.join(d, name)) as im:
       assert im.width > 200 and im.height > 200
-  assert set(results['wall_s']) == {'teacher', 'arms', 'evaluate', 'total'}
+  assert set(results['wall_s']) == {'teacher', 'arms', 'evaluate_test', 'total'}
+  assert results['wall_s']['total'] == pytest.approx(
+    sum(v for k, v in results['wall_s'].items() if k != 'total')
+  )
+  assert "degraded_depth arm's targets against the exact ones" in md
 
 
 def test_stages_resume(tiny_run, monkeypatch):
   tb, out, _ = tiny_run
   teacher_file = os.path.join(out, 'teacher', 'seed0', 'backbone.safetensors')
   before = os.path.getmtime(teacher_file)
+  ckpts = os.path.join(out, 'arms', 'seed0', 'rgb_only', 'checkpoints')
+  ckpt_before = os.listdir(ckpts)
   # Lose one arm's completion (as if it was interrupted) and the report.
   os.remove(os.path.join(out, 'arms', 'seed0', 'rgb_only', 'done.json'))
   os.remove(os.path.join(out, 'test', 'results.md'))
@@ -227,5 +258,10 @@ def test_stages_resume(tiny_run, monkeypatch):
   monkeypatch.setattr(pretrain, 'train', no_teacher)
   md = testbed.run(tb, out, [0], 'test')
   assert trained == ['rgb_only']
+  # Resumed from its last checkpoint (no step trained again), its held-out metrics kept.
+  with open(os.path.join(out, 'arms', 'seed0', 'rgb_only', 'done.json')) as f:
+    record = json.load(f)
+  assert record['step'] == tb.finetune.steps and record['heldout']['psnr'] > 0
+  assert os.listdir(ckpts) == ckpt_before
   assert os.path.getmtime(teacher_file) == before
   assert os.path.exists(os.path.join(out, 'test', 'results.md')) and '| rgb_only |' in md

@@ -125,6 +125,20 @@ def synthetic_options(config: mlc.ConfigDict) -> dict:
   )
 
 
+def synthetic_depth_options(config: mlc.ConfigDict) -> dict:
+  """`synthetic.example`'s depth degradation for `config.data`, in generated-image units: the
+  config gives the blur in pixels of the renderer's targets (`render.resolution`) and the
+  noise per target pixel, so both reach the loss as configured after the resize."""
+  blur, noise = float(config.data.synthetic_depth_blur), float(config.data.synthetic_depth_noise)
+  if blur < 0 or noise < 0:
+    raise ValueError(
+      f'data.synthetic_depth_blur and synthetic_depth_noise must be >= 0, got {blur}, {noise}.'
+    )
+  r = int(config.render.resolution)
+  side = synthetic.default_resolution(r, config.model.img_size)
+  return {'depth_blur': blur * side / r, 'depth_noise': noise, 'noise_cells': r if noise else 0}
+
+
 def prepare(config: mlc.ConfigDict) -> Data:
   """Makes the training data ready, once: generates the synthetic scenes if they are missing
   (`synthetic.ensure_dataset`, idempotent), opens the image and depth datasets, checks that
@@ -139,8 +153,7 @@ def prepare(config: mlc.ConfigDict) -> Data:
       camera=Camera.from_config(config.camera),
       resolution=synthetic.default_resolution(config.render.resolution, config.model.img_size),
       **synthetic_options(config),
-      depth_blur=config.data.synthetic_depth_blur,
-      depth_noise=config.data.synthetic_depth_noise,
+      **synthetic_depth_options(config),
     )
   src = sources.ImageDepthSource(data_dir, name, depth_name, split)
   if src.info is None and config.data.source == 'tfds':

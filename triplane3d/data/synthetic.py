@@ -243,17 +243,32 @@ def image_features() -> tfds.features.FeaturesDict:
   )
 
 
-def degrade_depth(depth_hw, camera: Camera, blur: float, noise: float, rng) -> np.ndarray:
+def degrade_depth(
+  depth_hw, camera: Camera, blur: float, noise: float, rng, noise_cells: int = 0
+) -> np.ndarray:
   """Depth as a cheap estimator might give it: Gaussian blur of `blur` pixels (edges smeared
-  into the background), then i.i.d. Gaussian noise of std `noise` (scene units), clipped to
-  [near, far]. blur = noise = 0 returns the depth unchanged."""
+  into the background), then Gaussian noise of std `noise` (scene units), clipped to
+  [near, far]. `noise_cells` > 0 draws the noise on a noise_cells × noise_cells grid and
+  spreads each value over its block of pixels (nearest neighbour), so that resizing to that
+  side (the renderer's targets) keeps it rather than averaging it away. blur = noise = 0
+  returns the depth unchanged.
+  """
+  if blur < 0 or noise < 0:
+    raise ValueError(f'depth blur and noise must be >= 0, got {blur}, {noise}.')
   out = np.asarray(depth_hw, np.float64)
   if blur > 0:
     from scipy import ndimage
 
     out = ndimage.gaussian_filter(out, blur, mode='nearest')
   if noise > 0:
-    out = out + rng.normal(0.0, noise, out.shape)
+    h, w = out.shape
+    if noise_cells > 0:
+      grid = rng.normal(0.0, noise, (noise_cells, noise_cells))
+      rows = np.minimum(np.arange(h) * noise_cells // h, noise_cells - 1)
+      cols = np.minimum(np.arange(w) * noise_cells // w, noise_cells - 1)
+      out = out + grid[rows][:, cols]
+    else:
+      out = out + rng.normal(0.0, noise, out.shape)
   return np.clip(out, camera.near, camera.far) if blur > 0 or noise > 0 else out
 
 
@@ -265,6 +280,7 @@ def example(
   *,
   depth_blur: float = 0.0,
   depth_noise: float = 0.0,
+  noise_cells: int = 0,
   **kw,
 ) -> tuple[dict, dict]:
   """(image record, depth record) of scene `index`; `depth_blur` / `depth_noise` > 0 store a
@@ -272,7 +288,7 @@ def example(
   scene = sample_scene(index, seed, **kw)
   rgb, depth = render(scene, camera, resolution)
   rng = np.random.default_rng([seed, index, 2])
-  depth = degrade_depth(depth, camera, depth_blur, depth_noise, rng)
+  depth = degrade_depth(depth, camera, depth_blur, depth_noise, rng, noise_cells)
   buf = io.BytesIO()
   Image.fromarray(rgb).save(buf, format='PNG')
   key = f'scene_{index:07d}'
@@ -294,7 +310,8 @@ def write(data_dir, num_examples, seed, camera, resolution, *, name=NAME, depth_
     records.write_shard(
       data_dir, depth_name, 'train', depth_f, [p[1] for p in pairs], s, num_shards
     )
-  desc = 'Synthetic scenes with exact depth (triplane3d.data.synthetic).'
+  degraded = kw.get('depth_blur') or kw.get('depth_noise')
+  desc = f'Synthetic scenes with {"degraded" if degraded else "exact"} depth (triplane3d.data.synthetic).'
   records.finalize(data_dir, name, img_f, desc)
   records.finalize(data_dir, depth_name, depth_f, desc)
 
@@ -312,11 +329,12 @@ def ensure_dataset(
   texture_class_prob: float = 1.0,
   depth_blur: float = 0.0,
   depth_noise: float = 0.0,
+  noise_cells: int = 0,
 ) -> None:
   """Generates the dataset unless it already exists with the same parameters (idempotent).
 
   `texture_class_prob` applies to texture_mode='mixed'; `depth_blur` / `depth_noise` > 0 store
-  a degraded depth (`degrade_depth`).
+  a degraded depth (`degrade_depth`, with `noise_cells`).
 
   Written into a private temporary directory and moved into place, so concurrent callers (every
   host of a job) and interrupted runs never expose a partial dataset. An existing dataset made
@@ -337,6 +355,8 @@ def ensure_dataset(
   extra.update(
     {k: float(v) for k, v in (('depth_blur', depth_blur), ('depth_noise', depth_noise)) if v}
   )
+  if depth_noise and noise_cells:
+    extra['noise_cells'] = int(noise_cells)
   params.update(extra)
   kw.update(extra)
   params_path = os.path.join(records.dataset_dir(data_dir, name), 'generation.json')

@@ -57,7 +57,7 @@ COLUMNS = (
   ('size_top1', 'other-size top-1', 'percent', True),
   ('shape_bias', 'shape bias', 'percent', True),
   ('depth_rmse', 'depth probe RMSE', 'float', False),
-  ('heldout_psnr', 'recon. PSNR (dB)', 'float1', True),
+  ('heldout_psnr', 'recon. PSNR (dB)', 'db', True),
   ('heldout_depth_abs', 'recon. depth abs err', 'float', False),
 )
 
@@ -190,6 +190,53 @@ def arm_config(tb, out: str, seed: int, arm: str):
   return c
 
 
+def more_teacher_options(tb, seed: int):
+  """The `more_teacher` arm: the teacher's objective (its heads, shuffling, texture tie) on
+  the fine-tuning scenes (same seed, count and flips), for the arms' steps and batch size.
+  Its optimiser is the teacher's (AdamW, 10% warm-up then cosine, lr `teacher.lr`): the arms
+  keep configs/demo.py's constant-rate Adam."""
+  f = tb.finetune
+  return teacher_options(
+    tb,
+    seed,
+    scene_seed=f.data_seed + seed,
+    num_scenes=f.num_scenes,
+    steps=f.steps,
+    batch_size=f.batch_size,
+    warmup_steps=max(1, f.steps // 10),
+    log_every=max(1, f.steps // 3),
+  )
+
+
+def degraded_target_error(tb, seed: int, num: int = 64) -> dict:
+  """How far the degraded-depth arm's targets (after the pipeline's resize to the renderer's
+  side) are from the exact ones, on its first `num` scenes: {'rmse', 'abs'} in scene units."""
+  from triplane3d.data import pipeline, synthetic
+  from triplane3d.render.camera import Camera
+
+  c = arm_config(tb, '', seed, 'degraded_depth')
+  aug = pipeline.augmentation(c, whole_image=True)
+  camera = Camera.from_config(c.camera)
+  side = synthetic.default_resolution(c.render.resolution, c.model.img_size)
+  texture = pipeline.synthetic_options(c)
+  errors = []
+  for i in range(num):
+    targets = []
+    for depth_kw in ({}, pipeline.synthetic_depth_options(c)):
+      image, depth = synthetic.example(i, c.seed, camera, side, **texture, **depth_kw)
+      record = {
+        'image': image['image'],
+        'label': image['label'],
+        'key': image['file_name'],
+        'depth': depth['depth'],
+        'depth_range': np.asarray(depth['depth_range'], np.float32),
+      }
+      targets.append(aug.random_map(record, np.random.default_rng(0))['depth'])
+    errors.append(np.asarray(targets[1], np.float64) - np.asarray(targets[0], np.float64))
+  e = np.stack(errors)
+  return {'rmse': float(np.sqrt(np.mean(e**2))), 'abs': float(np.mean(np.abs(e)))}
+
+
 def _heldout(workdir: str) -> dict:
   """The last held-out metrics in the run's metrics.jsonl (heldout/<name> → name)."""
   found = {}
@@ -213,18 +260,7 @@ def arm(tb, out: str, seed: int, name: str) -> dict:
   if name == 'more_teacher':
     from triplane3d import convert, pretrain
 
-    f = tb.finetune
-    # The fine-tuning scenes (same seed, count, textures and flips), the teacher's objective.
-    o = teacher_options(
-      tb,
-      seed,
-      scene_seed=f.data_seed + seed,
-      num_scenes=f.num_scenes,
-      steps=f.steps,
-      batch_size=f.batch_size,
-      warmup_steps=max(1, f.steps // 10),
-      log_every=max(1, f.steps // 3),
-    )
+    o = more_teacher_options(tb, seed)
     init = _load_classifier(os.path.join(out, 'teacher', f'seed{seed}', 'classifier.msgpack'))
     params, history = pretrain.train(o, init=init)
     os.makedirs(d, exist_ok=True)
@@ -238,6 +274,8 @@ def arm(tb, out: str, seed: int, name: str) -> dict:
     if result['preempted']:
       sys.exit(f'{name} (seed {seed}) was stopped by a signal; rerun the same command to resume.')
     record = {'spec': d, 'step': result['step'], 'heldout': _heldout(d)}
+    if name == 'degraded_depth':
+      record['target_error'] = degraded_target_error(tb, seed)
   record['wall_s'] = time.perf_counter() - start
   _write_json(os.path.join(d, 'done.json'), record)
   return record
@@ -300,7 +338,7 @@ def _cell(values: list, fmt: str) -> str:
   m, sd, _ = s
   if fmt == 'percent':
     return f'{100 * m:.1f} ± {100 * sd:.1f}'
-  if fmt == 'float1':
+  if fmt == 'db':
     return f'{m:.2f} ± {sd:.2f}'
   return f'{m:.4f} ± {sd:.4f}'
 
@@ -414,6 +452,13 @@ def report(out: str, split: str, summary: dict, arms: dict, seeds: list[int], wa
     base['psnr'] = float(np.mean([h['baseline_psnr'] for h in held]))
     base['depth_abs'] = float(np.mean([h['baseline_depth_abs'] for h in held]))
   md = markdown(table, len(seeds), split, base)
+  errors = [r['target_error'] for r in arms.values() if r.get('target_error')]
+  if errors:
+    md += (
+      "\nThe degraded_depth arm's targets against the exact ones (its first 64 scenes, at the "
+      f"renderer's side): RMSE {np.mean([e['rmse'] for e in errors]):.4f}, abs err "
+      f'{np.mean([e["abs"] for e in errors]):.4f} (scene units; mean over seeds).\n'
+    )
   shape_bias_figure(table, os.path.join(d, 'shape_bias.png'))
   has_recon = reconstructions_figure(out, seeds[0], os.path.join(d, 'reconstructions.png'))
   md += '\n![shape bias](shape_bias.png)\n'
@@ -459,19 +504,54 @@ def check_workdir(tb, out: str) -> None:
     )
 
 
+def generator_seeds(tb, seeds) -> dict[str, set[int]]:
+  """The synthetic generator seeds each part of the testbed draws scenes from (the suite uses
+  9 consecutive seeds per split), beside the demo's and the shipped stand-in's."""
+  n = 9  # synthetic_suite.SyntheticSuite: train, val, test, texture, size, conflict, 3 depth.
+  return {
+    'teacher': {tb.teacher.scene_seed, tb.teacher.val_seed},
+    'fine-tuning': {tb.finetune.data_seed + s for s in seeds},
+    'test suite': set(range(tb.eval.test_seed, tb.eval.test_seed + n)),
+    'validation suite': set(range(tb.eval.val_seed, tb.eval.val_seed + n)),
+    'demo and shipped stand-in': {0, 1, 3001, 3002},
+  }
+
+
+def check_seeds(tb, seeds) -> None:
+  """Raises ValueError naming the parts whose scenes would share a generator seed."""
+  groups = generator_seeds(tb, seeds)
+  names = list(groups)
+  clashes = [
+    f'{a} and {b} ({sorted(groups[a] & groups[b])})'
+    for i, a in enumerate(names)
+    for b in names[i + 1 :]
+    if groups[a] & groups[b]
+  ]
+  if clashes:
+    raise ValueError(
+      'these would draw the same scenes: ' + '; '.join(clashes) + '. Use fewer --seeds or move '
+      'the seeds in configs/testbed.py.'
+    )
+
+
 def run(tb, out: str, seeds: list[int], split: str = 'test') -> str:
   """Every stage for `seeds` (each skipped when done); returns results.md."""
   if split not in ('test', 'val'):
     raise ValueError(f"split must be 'test' or 'val', got {split!r}.")
   check_workdir(tb, out)
-  wall: dict[str, float] = {}
+  wall_path = os.path.join(out, 'wall.json')
 
   def timed(stage, fn, *args):
+    """Runs a stage; adds its seconds to OUT/wall.json at once (compute time over every
+    invocation: a resumed run adds what it did, a stage read back adds ~0)."""
     start = time.perf_counter()
     result = fn(*args)
+    wall = _read_json(wall_path) or {}
     wall[stage] = wall.get(stage, 0.0) + time.perf_counter() - start
+    _write_json(wall_path, wall)
     return result
 
+  check_seeds(tb, seeds)
   specs: dict[str, str] = {}
   arms: dict[tuple[str, int], dict] = {}
   for seed in seeds:
@@ -482,14 +562,11 @@ def run(tb, out: str, seeds: list[int], split: str = 'test') -> str:
       arms[(name, seed)] = timed('arms', arm, tb, out, seed, name)
       specs[f'{name}-s{seed}'] = arms[(name, seed)]['spec']
       print(f'seed {seed}: {name} ready', flush=True)
-  summary = timed('evaluate', evaluate, tb, out, split, specs)
-  # Compute time over every invocation (a resumed run adds what it did): OUT/<split>/wall.json.
-  path = os.path.join(out, split, 'wall.json')
-  total = _read_json(path) or {}
-  total = {k: total.get(k, 0.0) + wall.get(k, 0.0) for k in ('teacher', 'arms', 'evaluate')}
-  _write_json(path, total)
-  total['total'] = sum(total.values())
-  return report(out, split, summary, arms, seeds, total)
+  summary = timed(f'evaluate_{split}', evaluate, tb, out, split, specs)
+  wall = _read_json(wall_path)
+  shown = {k: wall.get(k, 0.0) for k in ('teacher', 'arms', f'evaluate_{split}')}
+  shown['total'] = sum(shown.values())
+  return report(out, split, summary, arms, seeds, shown)
 
 
 def _define_flags():
