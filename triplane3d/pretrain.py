@@ -182,7 +182,11 @@ def check(o: Options) -> None:
   if o.segment_labels not in ('shape', 'object'):
     problems.append(f"segment_labels={o.segment_labels!r} must be 'shape' or 'object'")
   if o.texture_mode not in ('class', 'mixed', 'random', 'conflict'):
-    problems.append(f"texture_mode={o.texture_mode!r} must be 'class', 'mixed' or 'random'")
+    problems.append(
+      f"texture_mode={o.texture_mode!r} must be 'class', 'mixed', 'random' or 'conflict'"
+    )
+  if o.texture_weight < 0 or o.segment_weight < 0:
+    problems.append('texture_weight and segment_weight must be ≥ 0')
   if not 0 <= o.shuffle_prob <= 1:
     problems.append(f'shuffle_prob={o.shuffle_prob} must be in [0, 1]')
   if not 0 <= o.texture_class_prob <= 1:
@@ -224,7 +228,10 @@ def train(
   x_train, y_train, s_train, tex_train = sets['x'], sets['y'], sets['seg'], sets['tex']
   x_val, y_val, s_val = sets['x_val'], sets['y_val'], sets['seg_val']
   if len(x_train) < o.num_scenes or len(x_val) < o.num_val:
-    raise ValueError(f'sets hold {len(x_train)} + {len(x_val)} scenes; options need more.')
+    raise ValueError(
+      f'sets hold {len(x_train)} training and {len(x_val)} validation scenes; options.num_scenes='
+      f'{o.num_scenes} and num_val={o.num_val} need at least that many (render_sets(options)).'
+    )
   logging.info('pretrain: %d + %d scenes in %.0f s', o.num_scenes, o.num_val, time.time() - t0)
   x0 = jnp.zeros((1, o.img_size, o.img_size, 3))
   if init is None:

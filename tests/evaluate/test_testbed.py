@@ -194,6 +194,8 @@ def test_resuming_with_another_config_is_refused(tmp_path):
   tb.finetune.steps = 3
   with pytest.raises(ValueError, match=r'finetune\.steps: 2 → 3'):
     testbed.check_workdir(tb, str(tmp_path))
+  with pytest.raises(ValueError, match='must not contain'):
+    testbed.run(tb, str(tmp_path / 'a,b'), [0])
 
 
 @pytest.fixture(scope='module')

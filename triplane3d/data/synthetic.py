@@ -390,7 +390,10 @@ def _define_flags():
   flags.DEFINE_integer('seed', 0, 'Generation seed.')
   flags.DEFINE_integer('resolution', 64, 'Image side in pixels.')
   flags.DEFINE_string('name', NAME, 'Dataset name; depth goes to NAME_depth.')
-  flags.DEFINE_enum('texture_mode', 'class', ['class', 'random', 'conflict'], 'Textures.')
+  flags.DEFINE_enum('texture_mode', 'class', ['class', 'mixed', 'random', 'conflict'], 'Textures.')
+  flags.DEFINE_float('texture_class_prob', 1.0, "texture_mode='mixed': P(the class's texture).")
+  flags.DEFINE_float('depth_blur', 0.0, 'Degraded depth: Gaussian blur σ in pixels.')
+  flags.DEFINE_float('depth_noise', 0.0, 'Degraded depth: noise std in scene units.')
   flags.DEFINE_enum('variation', None, ['texture', 'size'], 'Single-factor variation set.')
 
 
@@ -407,6 +410,9 @@ def main(argv):
     name=f.name,
     texture_mode=f.texture_mode,
     variation=f.variation,
+    texture_class_prob=f.texture_class_prob,
+    depth_blur=f.depth_blur,
+    depth_noise=f.depth_noise,
   )
   print(f'{f.name}: {f.num_examples} scenes in {f.data_dir} ({time.time() - start:.1f} s)')
 

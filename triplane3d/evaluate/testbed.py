@@ -434,7 +434,9 @@ def reconstructions_figure(out: str, seed: int, path: str) -> bool:
   image = Image.new('RGB', (width, sum(g.height + 22 for _, g in grids)), 'white')
   draw, y0 = ImageDraw.Draw(image), 0
   for name, g in grids:
-    draw.text((4, y0 + 4), f'{name}: {DESCRIPTIONS[name]}', font=figures._font(13), fill=0)
+    note = ' (target depth: the degraded one it trains on)' if name == 'degraded_depth' else ''
+    text = f'{name}: {DESCRIPTIONS[name]}{note}'
+    draw.text((4, y0 + 4), text, font=figures._font(13), fill=0)
     image.paste(g, (0, y0 + 22))
     y0 += g.height + 22
   image.save(path)
@@ -538,6 +540,8 @@ def run(tb, out: str, seeds: list[int], split: str = 'test') -> str:
   """Every stage for `seeds` (each skipped when done); returns results.md."""
   if split not in ('test', 'val'):
     raise ValueError(f"split must be 'test' or 'val', got {split!r}.")
+  if ',' in out or '=' in out:  # The evaluation's backbone list is 'LABEL=SPEC,...'.
+    raise ValueError(f'the workdir must not contain "," or "=": {out!r}.')
   check_workdir(tb, out)
   wall_path = os.path.join(out, 'wall.json')
 
