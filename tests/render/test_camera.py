@@ -26,6 +26,13 @@ def _configs():
     spec = importlib.util.spec_from_file_location(f'cfg_{name}', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if name == 'testbed':  # Not a training config: the training configs of its arms.
+      from triplane3d.evaluate import testbed
+
+      for size in ('small', 'tiny'):
+        for arm in testbed.ARMS[:-1]:
+          yield f'testbed:{size}:{arm}', testbed.arm_config(module.get_config(size), '', 0, arm)
+      continue
     for arg in ABLATIONS if name == 'ablations' else (None,):
       yield f'{name}:{arg}' if arg else name, module.get_config(*([arg] if arg else []))
 
