@@ -64,7 +64,7 @@ class Options:
   segment_labels: str = 'shape'
   # The probability that a training image's patches are shuffled (a random permutation of its
   # patch grid; its cell labels move with them): such an image keeps every local cue, texture
-  # first, and loses the global shape. > 0 makes a texture-biased backbone (the testbed's).
+  # first, and loses the global shape. > 0 pushes the backbone towards texture (the testbed's).
   shuffle_prob: float = 0.0
   # Also name the main object's texture family (a linear head beside the shape head, this
   # weight): makes texture easy to read from the features, as it is from DINOv2's. 0: off.

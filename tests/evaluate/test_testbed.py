@@ -222,6 +222,9 @@ def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
       assert results['stats'][row][key]['mean'] == pytest.approx(metrics[key])
     line = next(ln for ln in md.splitlines() if ln.startswith(f'| {row} |'))
     assert f'{100 * metrics["shape_bias"]:.1f} ± 0.0' in line
+  for row in testbed.ROWS:  # Every backbone has both read-outs, as top-1 fractions.
+    for key in ('shape_readout', 'texture_readout'):
+      assert 0.0 <= results['per_seed'][row][key][0] <= 1.0
   for arm in testbed.ARMS[:-1]:  # Reconstruction arms report held-out metrics.
     assert results['per_seed'][arm]['heldout_psnr'][0] > 0
   assert results['per_seed']['more_teacher']['heldout_psnr'] == [None]
@@ -267,3 +270,23 @@ def test_stages_resume(tiny_run, monkeypatch):
   assert os.listdir(ckpts) == ckpt_before
   assert os.path.getmtime(teacher_file) == before
   assert os.path.exists(os.path.join(out, 'test', 'results.md')) and '| rgb_only |' in md
+
+
+def test_cue_readout_finds_the_cue_the_features_carry():
+  rng = np.random.default_rng(0)
+
+  def fake(n):
+    shape, texture = rng.integers(0, 5, n), rng.integers(0, 5, n)
+    patch_mean = rng.normal(size=(n, 8))
+    patch_mean[:, :5] += 3 * np.eye(5)[texture]  # Texture is written in; shape is not.
+    cls = rng.normal(size=(n, 4, 6))
+    return {
+      'cls': cls,
+      'patch_mean': patch_mean,
+      'meta_label': shape,
+      'meta_texture_label': texture,
+    }
+
+  r = testbed.cue_readout(fake(400), fake(200), fake(400))
+  assert r['texture_readout'] > 0.9
+  assert abs(r['shape_readout'] - 0.2) < 0.1

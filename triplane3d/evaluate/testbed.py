@@ -42,7 +42,7 @@ from triplane3d import run_config
 ARMS = ('3d_prior', 'no_distill', 'conv_decoder', 'rgb_only', 'degraded_depth', 'more_teacher')
 ROWS = ('teacher', *ARMS)
 DESCRIPTIONS = {
-  'teacher': 'the texture-biased stand-in for DINOv2 (start of every arm)',
+  'teacher': 'the stand-in for DINOv2, pushed towards texture (start of every arm)',
   '3d_prior': '3D-Prior: RGB + depth reconstruction, distillation (paper weights)',
   'no_distill': '3D-Prior without distillation',
   'conv_decoder': '3D-Prior with a conv decoder to RGB + depth (no triplane, no renderer)',
@@ -57,6 +57,8 @@ COLUMNS = (
   ('size_top1', 'other-size top-1', 'percent', True),
   ('shape_bias', 'shape bias', 'percent', True),
   ('depth_rmse', 'depth probe RMSE', 'float', False),
+  ('shape_readout', 'shape read-out', 'percent', True),
+  ('texture_readout', 'texture read-out', 'percent', True),
   ('heldout_psnr', 'recon. PSNR (dB)', 'db', True),
   ('heldout_depth_abs', 'recon. depth abs err', 'float', False),
 )
@@ -299,11 +301,50 @@ def eval_config(tb, split: str, backbones: str):
 
 
 def evaluate(tb, out: str, split: str, specs: dict[str, str]) -> dict:
-  """The synthetic suite on {label: spec} into OUT/<split>/eval (cached per backbone)."""
-  from triplane3d.evaluate import runner
+  """The synthetic suite on {label: spec} into OUT/<split>/eval (cached per backbone), plus
+  each backbone's cue read-out (`cue_readout`) as summary['readout'][label]."""
+  from triplane3d.evaluate import features, runner
 
   backbones = ','.join(f'{label}={spec}' for label, spec in specs.items())
-  return runner.run(eval_config(tb, split, backbones), os.path.join(out, split, 'eval'))
+  run = runner.Run(eval_config(tb, split, backbones), os.path.join(out, split, 'eval'))
+  summary = run.execute()
+  sets = {k: v for k, v, _ in run.suites[0].image_sets()}
+  summary['readout'] = {}
+  for b in run.backbones:  # The depth sets' features: extracted with patches.
+    names = ('depth_train', 'depth_val', 'depth_test')
+    feats = [
+      features.FeatureStore.load(run.store.path(b.label, sets[n], b.identity, True)) for n in names
+    ]
+    summary['readout'][b.label] = cue_readout(*feats)
+  return summary
+
+
+def cue_readout(train: dict, val: dict, test: dict) -> dict[str, float]:
+  """Which cue a linear read-out finds in a backbone's pooled features (last block's class
+  token and mean patch token): top-1 of ridge classifiers (one-hot least squares on
+  standardised features, alpha from 10⁻²…10⁴ chosen on `val`) for the object's shape and for
+  its texture family, fit on `train` and scored on `test`. The suite's depth sets serve: their
+  textures are drawn independently of the shape, so neither cue helps read the other (chance
+  20% each). A backbone that reads texture shows it here, whatever the probe's choice."""
+
+  def pooled(f):
+    return np.concatenate([f['cls'][:, -1], f['patch_mean']], -1).astype(np.float64)
+
+  x_tr, x_va, x_te = (pooled(f) for f in (train, val, test))
+  mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+  x_tr, x_va, x_te = (np.c_[(x - mu) / sd, np.ones(len(x))] for x in (x_tr, x_va, x_te))
+  gram, eye = x_tr.T @ x_tr, np.eye(x_tr.shape[1])
+  out = {}
+  for name, key in (('shape_readout', 'meta_label'), ('texture_readout', 'meta_texture_label')):
+    y = np.eye(5)[train[key]]
+    best = None
+    for alpha in 10.0 ** np.arange(-2, 5):
+      w = np.linalg.solve(gram + alpha * eye, x_tr.T @ y)
+      acc = float(np.mean((x_va @ w).argmax(1) == val[key]))
+      if best is None or acc > best[0]:
+        best = (acc, w)
+    out[name] = float(np.mean((x_te @ best[1]).argmax(1) == test[key]))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +356,7 @@ def collect(summary: dict, arms: dict[tuple[str, int], dict]) -> dict[str, dict[
   table: dict[str, dict[str, list]] = {}
   for label, result in summary['results'].items():
     row, seed = label.rsplit('-s', 1)
-    metrics = dict(result['synthetic']['metrics'])
+    metrics = {**result['synthetic']['metrics'], **summary.get('readout', {}).get(label, {})}
     heldout = arms.get((row, int(seed)), {}).get('heldout', {})
     metrics['heldout_psnr'] = heldout.get('psnr')
     metrics['heldout_depth_abs'] = heldout.get('depth_abs')
@@ -357,6 +398,12 @@ def markdown(table: dict, num_seeds: int, split: str, baselines: dict) -> str:
       cells = [_cell(table[row][k], fmt) for k, _, fmt, _ in COLUMNS]
       lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
   lines += ['', 'Trivial predictors: ' + baselines_line(baselines), '']
+  lines += [
+    'Read-outs: ridge classifiers for the shape and for the texture family on pooled features '
+    'of scenes whose texture is independent of the shape (the depth sets; chance 20% each): '
+    'which cue the features make linearly readable at all (`cue_readout`).',
+    '',
+  ]
   lines += [f'- **{r}**: {DESCRIPTIONS[r]}' for r in ROWS if r in table]
   return '\n'.join(lines) + '\n'
 
