@@ -74,16 +74,23 @@ def render_full(model, params, images_bhw3):
   return render.to_image(out['rgb'], r), render.to_image(out['depth'], r)
 
 
-def scene_example(config: mlc.ConfigDict, index: int, seed: int | None = None) -> dict:
+def scene_example(
+  config: mlc.ConfigDict, index: int, seed: int | None = None, *, as_trained: bool = False
+) -> dict:
   """Synthetic scene `index` through the production decode path, whole image (no crop/flip).
+
+  With the training set's textures, and the exact depth unless `as_trained` (then the depth
+  the training set stores: degraded when data.synthetic_depth_* ask for it).
 
   Returns 'image' (1, S, S, 3), 'rgb' (1, R, R, 3), 'depth' (1, R, R, 1) numpy arrays.
   """
   camera = Camera.from_config(config.camera)
   res = synthetic.default_resolution(config.render.resolution, config.model.img_size)
   seed = config.seed if seed is None else seed
-  # The training set's textures, but always the exact depth (never data.synthetic_depth_*).
-  image, depth = synthetic.example(index, seed, camera, res, **pipeline.synthetic_options(config))
+  kw = pipeline.synthetic_options(config)
+  if as_trained:
+    kw.update(pipeline.synthetic_depth_options(config))
+  image, depth = synthetic.example(index, seed, camera, res, **kw)
   record = {
     'image': image['image'],
     'label': image['label'],

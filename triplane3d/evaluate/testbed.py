@@ -213,29 +213,16 @@ def more_teacher_options(tb, seed: int):
 def degraded_target_error(tb, seed: int, num: int = 64) -> dict:
   """How far the degraded-depth arm's targets (after the pipeline's resize to the renderer's
   side) are from the exact ones, on its first `num` scenes: {'rmse', 'abs'} in scene units."""
-  from triplane3d.data import pipeline, synthetic
-  from triplane3d.render.camera import Camera
+  from triplane3d.evaluate import reconstruction
 
   c = arm_config(tb, '', seed, 'degraded_depth')
-  aug = pipeline.augmentation(c, whole_image=True)
-  camera = Camera.from_config(c.camera)
-  side = synthetic.default_resolution(c.render.resolution, c.model.img_size)
-  texture = pipeline.synthetic_options(c)
-  errors = []
-  for i in range(num):
-    targets = []
-    for depth_kw in ({}, pipeline.synthetic_depth_options(c)):
-      image, depth = synthetic.example(i, c.seed, camera, side, **texture, **depth_kw)
-      record = {
-        'image': image['image'],
-        'label': image['label'],
-        'key': image['file_name'],
-        'depth': depth['depth'],
-        'depth_range': np.asarray(depth['depth_range'], np.float32),
-      }
-      targets.append(aug.random_map(record, np.random.default_rng(0))['depth'])
-    errors.append(np.asarray(targets[1], np.float64) - np.asarray(targets[0], np.float64))
-  e = np.stack(errors)
+  e = np.stack(
+    [
+      reconstruction.scene_example(c, i, as_trained=True)['depth'].astype(np.float64)
+      - reconstruction.scene_example(c, i)['depth']
+      for i in range(num)
+    ]
+  )
   return {'rmse': float(np.sqrt(np.mean(e**2))), 'abs': float(np.mean(np.abs(e)))}
 
 
