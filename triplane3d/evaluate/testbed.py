@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from triplane3d import run_config
+from triplane3d.evaluate import runner
 
 ARMS = ('3d_prior', 'no_distill', 'conv_decoder', 'rgb_only', 'degraded_depth', 'more_teacher')
 ROWS = ('teacher', *ARMS)
@@ -62,13 +63,6 @@ COLUMNS = (
   ('heldout_psnr', 'recon. PSNR (dB)', 'db', True),
   ('heldout_depth_abs', 'recon. depth abs err', 'float', False),
 )
-
-
-def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
 
 
 def _read_json(path: str):
@@ -147,7 +141,7 @@ def teacher(tb, out: str, seed: int) -> dict:
     'history': history,
     'wall_s': time.perf_counter() - start,
   }
-  _write_json(os.path.join(d, 'done.json'), record)
+  runner.write_json(os.path.join(d, 'done.json'), record)
   return record
 
 
@@ -266,7 +260,7 @@ def arm(tb, out: str, seed: int, name: str) -> dict:
     if name == 'degraded_depth':
       record['target_error'] = degraded_target_error(tb, seed)
   record['wall_s'] = time.perf_counter() - start
-  _write_json(os.path.join(d, 'done.json'), record)
+  runner.write_json(os.path.join(d, 'done.json'), record)
   return record
 
 
@@ -290,7 +284,7 @@ def eval_config(tb, split: str, backbones: str):
 def evaluate(tb, out: str, split: str, specs: dict[str, str]) -> dict:
   """The synthetic suite on {label: spec} into OUT/<split>/eval (cached per backbone), plus
   each backbone's cue read-out (`cue_readout`) as summary['readout'][label]."""
-  from triplane3d.evaluate import features, runner
+  from triplane3d.evaluate import features
 
   backbones = ','.join(f'{label}={spec}' for label, spec in specs.items())
   run = runner.Run(eval_config(tb, split, backbones), os.path.join(out, split, 'eval'))
@@ -509,7 +503,7 @@ def report(out: str, split: str, summary: dict, arms: dict, seeds: list[int], wa
     }
     for row, cols in table.items()
   }
-  _write_json(
+  runner.write_json(
     os.path.join(d, 'results.json'),
     {'seeds': seeds, 'per_seed': table, 'stats': stats, 'baselines': base, 'wall_s': wall},
   )
@@ -526,7 +520,7 @@ def check_workdir(tb, out: str) -> None:
   current = json.loads(json.dumps(tb.to_dict()))
   existing = _read_json(path)
   if existing is None:
-    _write_json(path, current)
+    runner.write_json(path, current)
   elif existing != current:
     old, new = run_config._flat(existing), run_config._flat(current)
     diff = ', '.join(
@@ -586,7 +580,7 @@ def run(tb, out: str, seeds: list[int], split: str = 'test') -> str:
     result = fn(*args)
     wall = _read_json(wall_path) or {}
     wall[stage] = wall.get(stage, 0.0) + time.perf_counter() - start
-    _write_json(wall_path, wall)
+    runner.write_json(wall_path, wall)
     return result
 
   check_seeds(tb, seeds)
