@@ -240,7 +240,7 @@ def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
 
 def test_stages_resume(tiny_run, monkeypatch):
   tb, out, _ = tiny_run
-  teacher_file = os.path.join(out, 'teacher', 'seed0', 'backbone.safetensors')
+  teacher_file = os.path.join(out, 'teacher', 'backbone.safetensors')
   before = os.path.getmtime(teacher_file)
   ckpts = os.path.join(out, 'arms', 'seed0', 'rgb_only', 'checkpoints')
   ckpt_before = os.listdir(ckpts)

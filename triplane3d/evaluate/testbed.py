@@ -6,9 +6,10 @@ shape-biased? A small world whose ground truth we control (`triplane3d.data.synt
 
 Stages, each resumable (a stage that finished is read back, an interrupted one continues):
 
-  1. teacher     per seed, `triplane3d.pretrain` from random weights on scenes where texture is
+  1. teacher     once, shared by every seed (as every run of the paper starts from the same
+                 DINOv2): `triplane3d.pretrain` from random weights on scenes where texture is
                  a strong shortcut (configs/testbed.py `texture_prob`): the stand-in for DINOv2.
-  2. arms        per seed, each from that teacher, same steps and scenes, only the objective
+  2. arms        per seed, each from the teacher, same steps and scenes, only the objective
                  differs (ARMS): 3D-Prior; without distillation; with the conv decoder (no
                  triplane); RGB-only reconstruction (depth weight 0: is it the depth or just
                  autoencoding?); on degraded depth (blurred and noisy: how much does the
@@ -119,20 +120,24 @@ def _load_classifier(path: str) -> dict:
     return serialization.msgpack_restore(f.read())
 
 
-def teacher(tb, out: str, seed: int) -> dict:
-  """Trains seed `seed`'s teacher into OUT/teacher/seed<k>/ unless it is there.
+def teacher_dir(out: str) -> str:
+  return os.path.join(out, 'teacher')
+
+
+def teacher(tb, out: str) -> dict:
+  """Trains the teacher (seed `teacher.seed`) into OUT/teacher/ unless it is there.
 
   Writes backbone.safetensors (DINOv2 keys: what the arms start from and distil to),
   classifier.msgpack (with the heads: what `more_teacher` continues) and done.json (last).
   """
   from triplane3d import convert, pretrain
 
-  d = os.path.join(out, 'teacher', f'seed{seed}')
+  d = teacher_dir(out)
   if (record := _read_json(os.path.join(d, 'done.json'))) is not None:
     return record
   os.makedirs(d, exist_ok=True)
   start = time.perf_counter()
-  o = teacher_options(tb, seed)
+  o = teacher_options(tb, tb.teacher.seed)
   params, history = pretrain.train(o)
   _save_classifier(os.path.join(d, 'classifier.msgpack'), params)
   convert.save_dinov2(params['backbone'], os.path.join(d, 'backbone.safetensors'))
@@ -159,7 +164,7 @@ def arm_config(tb, out: str, seed: int, arm: str):
   c = demo.get_config()
   c.seed = f.data_seed + seed
   c.model.img_size = tb.img_size
-  c.model.init_from = os.path.join(out, 'teacher', f'seed{seed}', 'backbone.safetensors')
+  c.model.init_from = os.path.join(teacher_dir(out), 'backbone.safetensors')
   c.data.num_synthetic = f.num_scenes
   c.data.synthetic_texture_prob = tb.texture_prob
   c.data.data_dir = os.path.join(out, 'data', f'seed{seed}')
@@ -244,7 +249,7 @@ def arm(tb, out: str, seed: int, name: str) -> dict:
     from triplane3d import convert, pretrain
 
     o = more_teacher_options(tb, seed)
-    init = _load_classifier(os.path.join(out, 'teacher', f'seed{seed}', 'classifier.msgpack'))
+    init = _load_classifier(os.path.join(teacher_dir(out), 'classifier.msgpack'))
     params, history = pretrain.train(o, init=init)
     os.makedirs(d, exist_ok=True)
     spec = os.path.join(d, 'backbone.safetensors')
@@ -586,10 +591,10 @@ def run(tb, out: str, seeds: list[int], split: str = 'test') -> str:
   check_seeds(tb, seeds)
   specs: dict[str, str] = {}
   arms: dict[tuple[str, int], dict] = {}
+  timed('teacher', teacher, tb, out)
+  print('teacher ready', flush=True)
+  specs[f'teacher-s{tb.teacher.seed}'] = os.path.join(teacher_dir(out), 'backbone.safetensors')
   for seed in seeds:
-    timed('teacher', teacher, tb, out, seed)
-    print(f'seed {seed}: teacher ready', flush=True)
-    specs[f'teacher-s{seed}'] = os.path.join(out, 'teacher', f'seed{seed}', 'backbone.safetensors')
     for name in ARMS:
       arms[(name, seed)] = timed('arms', arm, tb, out, seed, name)
       specs[f'{name}-s{seed}'] = arms[(name, seed)]['spec']
