@@ -39,8 +39,9 @@ def get_config(size: str = 'small') -> mlc.ConfigDict:
   # Pushing the teacher towards texture (validation, seed 0; docs/testbed.md): half the images
   # patch-shuffled (local cues only) and a texture-naming head beside the shape head. Shape
   # bias 57% against 67% for shape labels alone; no variant tried went below 50%.
-  c.teacher.shuffle_prob = 0.8  # pretrain.Options.shuffle_prob
+  c.teacher.shuffle_prob = 0.0  # pretrain.Options.shuffle_prob
   c.teacher.texture_weight = 1.0  # pretrain.Options.texture_weight
+  c.teacher.shape_weight = 0.0  # pretrain.Options.shape_weight
 
   # Stage 2, the arms: configs/demo.py's model, decoder and renderer, fine-tuned from the
   # teacher for the same steps on the same scenes (seed `data_seed + testbed seed`).

@@ -1,5 +1,6 @@
 """triplane3d.pretrain: the synthetic stand-in for DINOv2 weights, and the copy the demo ships."""
 
+import dataclasses
 import json
 import os
 
@@ -92,11 +93,38 @@ def test_the_demo_starts_from_the_shipped_weights():
     ({'shuffle_prob': 1.5}, 'shuffle_prob=1.5 must be in'),
     ({'segment_labels': 'parts'}, "segment_labels='parts'"),
     ({'texture_class_prob': -0.1}, 'texture_class_prob=-0.1'),
+    ({'shape_weight': -1.0}, 'shape_weight must be ≥ 0'),
+    ({'shape_weight': 0.0, 'segment_weight': 0.0}, 'nothing to learn'),
   ],
 )
 def test_options_that_cannot_work_are_refused(bad, message):
   with pytest.raises(ValueError, match=message):
     pretrain.train(pretrain.Options(**bad))
+
+
+def test_shape_weight_zero_trains_no_shape_head_but_the_texture_head():
+  o = pretrain.Options(
+    img_size=28,
+    num_scenes=32,
+    num_val=16,
+    steps=3,
+    batch_size=4,
+    warmup_steps=1,
+    log_every=3,
+    texture_mode='mixed',
+    texture_class_prob=0.9,
+    texture_weight=1.0,
+    shape_weight=0.0,
+    weight_decay=0.0,  # Decay alone would move a head that gets no gradient.
+  )
+  init, _ = pretrain.train(dataclasses.replace(o, steps=2, warmup_steps=1))  # Any start point.
+  params, history = pretrain.train(o, init=init)
+  np.testing.assert_array_equal(params['head']['kernel'], init['head']['kernel'])
+  assert not np.allclose(params['texture_head']['kernel'], init['texture_head']['kernel'])
+  assert not np.allclose(
+    params['backbone']['patch_embed']['kernel'], init['backbone']['patch_embed']['kernel']
+  )
+  assert 0.0 <= history[-1]['val_texture_accuracy'] <= 1.0
 
 
 def test_shuffled_patches_keep_every_patch_and_carry_their_cell_labels():

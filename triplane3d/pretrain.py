@@ -69,6 +69,9 @@ class Options:
   # Also name the main object's texture family (a linear head beside the shape head, this
   # weight): makes texture easy to read from the features, as it is from DINOv2's. 0: off.
   texture_weight: float = 0.0
+  # The weight of the shape-naming loss. 0 trains no shape head at all (texture and where the
+  # objects are only): a backbone that keeps only the shape cues it gets for free.
+  shape_weight: float = 1.0
   seed: int = 0
   log_every: int = 500
 
@@ -185,8 +188,10 @@ def check(o: Options) -> None:
     problems.append(
       f"texture_mode={o.texture_mode!r} must be 'class', 'mixed', 'random' or 'conflict'"
     )
-  if o.texture_weight < 0 or o.segment_weight < 0:
-    problems.append('texture_weight and segment_weight must be ≥ 0')
+  if min(o.texture_weight, o.segment_weight, o.shape_weight) < 0:
+    problems.append('texture_weight, segment_weight and shape_weight must be ≥ 0')
+  if o.shape_weight == o.texture_weight == o.segment_weight == 0:
+    problems.append('shape_weight, texture_weight and segment_weight are all 0: nothing to learn')
   if not 0 <= o.shuffle_prob <= 1:
     problems.append(f'shuffle_prob={o.shuffle_prob} must be in [0, 1]')
   if not 0 <= o.texture_class_prob <= 1:
@@ -244,7 +249,7 @@ def train(
 
   def loss_fn(p, x, y, seg, tex):
     logits, cell_logits, tex_logits = model.apply({'params': p}, x)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    loss = o.shape_weight * optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     seg_loss = optax.softmax_cross_entropy(cell_logits, seg).mean()
     if tex_logits is not None:
       loss += (
@@ -260,24 +265,31 @@ def train(
 
   @jax.jit
   def predict(p, x):
-    logits, cell_logits, _ = model.apply({'params': p}, x)
-    return logits.argmax(-1), cell_logits.argmax(-1) > 0
+    logits, cell_logits, tex_logits = model.apply({'params': p}, x)
+    tex = logits.argmax(-1) if tex_logits is None else tex_logits.argmax(-1)
+    return logits.argmax(-1), cell_logits.argmax(-1) > 0, tex
 
   def metrics(p) -> dict:
-    """Shape accuracy, and the IoU of the cells predicted and labelled mostly object."""
-    pred, fg = zip(
-      *[
-        predict(p, transforms.imagenet_normalize(x_val[i : min(i + 256, o.num_val)]))
-        for i in range(0, o.num_val, 256)
-      ]
+    """Shape accuracy, the IoU of the cells predicted and labelled mostly object, and (with a
+    texture head) texture-family accuracy."""
+    pred, fg, tex = (
+      np.concatenate(a)
+      for a in zip(
+        *[
+          predict(p, transforms.imagenet_normalize(x_val[i : min(i + 256, o.num_val)]))
+          for i in range(0, o.num_val, 256)
+        ]
+      )
     )
-    pred, fg = np.concatenate(pred), np.concatenate(fg)
     true_fg = s_val[: o.num_val, ..., 0] < 0.5
     iou = np.sum(fg & true_fg) / max(1, np.sum(fg | true_fg))
-    return {
+    out = {
       'val_accuracy': float(np.mean(pred == y_val[: o.num_val])),
       'val_object_iou': float(iou),
     }
+    if num_textures:
+      out['val_texture_accuracy'] = float(np.mean(tex == sets['tex_val'][: o.num_val]))
+    return out
 
   rng = np.random.default_rng(o.seed)
   patch = vit.create(o.variant).patch_size

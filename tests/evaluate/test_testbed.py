@@ -221,7 +221,7 @@ def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
       assert results['per_seed'][row][key] == [metrics[key]]
       assert results['stats'][row][key]['mean'] == pytest.approx(metrics[key])
     line = next(ln for ln in md.splitlines() if ln.startswith(f'| {row} |'))
-    assert f'{100 * metrics["shape_bias"]:.1f} ± 0.0' in line
+    assert f'| {100 * metrics["shape_bias"]:.1f} |' in line  # One seed: no spread shown.
   for row in testbed.ROWS:  # Every backbone has both read-outs, as top-1 fractions.
     for key in ('shape_readout', 'texture_readout'):
       assert 0.0 <= results['per_seed'][row][key][0] <= 1.0
@@ -236,6 +236,14 @@ def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
     sum(v for k, v in results['wall_s'].items() if k != 'total')
   )
   assert "degraded_depth arm's targets against the exact ones" in md
+
+
+def test_cells_show_the_sample_std_only_with_two_values_or_more():
+  assert testbed._cell([0.5, 0.7], 'percent') == '60.0 ± 14.1'  # ddof=1: sqrt(0.02) = 0.141.
+  assert testbed._cell([0.5, None], 'percent') == '50.0'
+  assert testbed._cell([20.0, 22.0], 'db') == '21.00 ± 1.41'
+  assert testbed._cell([0.125], 'float') == '0.1250'
+  assert testbed._cell([None], 'float') == '–'
 
 
 def test_stages_resume(tiny_run, monkeypatch):

@@ -99,6 +99,7 @@ def teacher_options(tb, seed: int, **changes):
     segment_labels=t.segment_labels,
     shuffle_prob=t.shuffle_prob,
     texture_weight=t.texture_weight,
+    shape_weight=t.shape_weight,
     seed=seed,
     log_every=max(1, t.steps // 4),
   )
@@ -362,12 +363,10 @@ def _cell(values: list, fmt: str) -> str:
   s = mean_std(values)
   if s is None:
     return '–'
-  m, sd, _ = s
-  if fmt == 'percent':
-    return f'{100 * m:.1f} ± {100 * sd:.1f}'
-  if fmt == 'db':
-    return f'{m:.2f} ± {sd:.2f}'
-  return f'{m:.4f} ± {sd:.4f}'
+  m, sd, n = s
+  scale, digits = {'percent': (100, 1), 'db': (1, 2)}.get(fmt, (1, 4))
+  # One value (the shared teacher, or a single seed) has no spread to show.
+  return f'{scale * m:.{digits}f}' + (f' ± {scale * sd:.{digits}f}' if n > 1 else '')
 
 
 def markdown(table: dict, num_seeds: int, split: str, baselines: dict) -> str:
