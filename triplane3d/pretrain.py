@@ -7,8 +7,10 @@ initialised tiny ViT learns where the objects are too slowly for a demo's budget
 (docs/reconstruction.md). This trains the backbone on synthetic scenes
 (`triplane3d.data.synthetic`, generator seeds disjoint from the demo's training and held-out
 scenes) to name the shape of the main object (a linear head on the class token and the mean
-patch token) and, per quarter of each patch, which shape or the background its pixels see (a
-linear head on each patch token): 2D labels only, never depth. Both heads are thrown away.
+patch token; `shape_weight`), optionally its texture family (`texture_weight`: the testbed's
+teacher names only that), and, per quarter of each patch, which shape or the background its
+pixels see (a linear head on each patch token): 2D labels only, never depth. The heads are
+thrown away.
 It writes the backbone in DINOv2's official key format
 (`convert.save_dinov2`), so `model.init_from` loads it like a released checkpoint (and, with
 distillation, it is the frozen teacher), and beside it `<out>.json`: how it was made and its
@@ -69,8 +71,9 @@ class Options:
   # Also name the main object's texture family (a linear head beside the shape head, this
   # weight): makes texture easy to read from the features, as it is from DINOv2's. 0: off.
   texture_weight: float = 0.0
-  # The weight of the shape-naming loss. 0 trains no shape head at all (texture and where the
-  # objects are only): a backbone that keeps only the shape cues it gets for free.
+  # The weight of the shape-naming loss. 0: the shape head gets no gradient and its accuracy is
+  # not reported (the backbone learns texture and where the objects are only, and keeps only
+  # the shape cues those give for free: the testbed's teacher).
   shape_weight: float = 1.0
   seed: int = 0
   log_every: int = 500
@@ -203,8 +206,8 @@ def check(o: Options) -> None:
 
 
 def render_sets(o: Options) -> dict[str, np.ndarray]:
-  """The training and validation scenes of `o`: {'x', 'y', 'seg'} and {'x_val', 'y_val',
-  'seg_val'} (`scenes`), rendered once; pass them to `train` to reuse them."""
+  """The training and validation scenes of `o`: {'x', 'y', 'seg', 'tex'} and {'x_val',
+  'y_val', 'seg_val', 'tex_val'} (`scenes`), rendered once; pass them to `train` to reuse them."""
   cells = o.img_size // vit.create(o.variant).patch_size * o.segment_sub
   kw = {'texture_class_prob': o.texture_class_prob, 'segment_labels': o.segment_labels}
   out = {}
@@ -221,8 +224,9 @@ def train(
   scratch, on `sets` (`render_sets(o)`; rendered here when None).
 
   Returns:
-    (the classifier's params {'backbone', 'head', 'segment_head'}, history of {step, loss,
-    val_accuracy, val_object_iou}).
+    (the classifier's params {'backbone', 'head', 'segment_head'[, 'texture_head']}, history
+    of {step, loss, val_object_iou, val_accuracy (shape; when shape_weight > 0),
+    val_texture_accuracy (when texture_weight > 0)}).
   """
   check(o)
   t0 = time.time()
@@ -231,7 +235,7 @@ def train(
   model = Classifier(o.variant, len(synthetic.SHAPES), o.segment_sub, segment_classes, num_textures)
   sets = render_sets(o) if sets is None else sets
   x_train, y_train, s_train, tex_train = sets['x'], sets['y'], sets['seg'], sets['tex']
-  x_val, y_val, s_val = sets['x_val'], sets['y_val'], sets['seg_val']
+  x_val, y_val, s_val, tex_val = sets['x_val'], sets['y_val'], sets['seg_val'], sets['tex_val']
   if len(x_train) < o.num_scenes or len(x_val) < o.num_val:
     raise ValueError(
       f'sets hold {len(x_train)} training and {len(x_val)} validation scenes; options.num_scenes='
@@ -283,12 +287,11 @@ def train(
     )
     true_fg = s_val[: o.num_val, ..., 0] < 0.5
     iou = np.sum(fg & true_fg) / max(1, np.sum(fg | true_fg))
-    out = {
-      'val_accuracy': float(np.mean(pred == y_val[: o.num_val])),
-      'val_object_iou': float(iou),
-    }
+    out = {'val_object_iou': float(iou)}
+    if o.shape_weight > 0:  # Else the shape head is untrained: its accuracy means nothing.
+      out['val_accuracy'] = float(np.mean(pred == y_val[: o.num_val]))
     if num_textures:
-      out['val_texture_accuracy'] = float(np.mean(tex == sets['tex_val'][: o.num_val]))
+      out['val_texture_accuracy'] = float(np.mean(tex == tex_val[: o.num_val]))
     return out
 
   rng = np.random.default_rng(o.seed)
@@ -321,7 +324,8 @@ def write(o: Options, out: str) -> dict:
   convert.save_dinov2(params['backbone'], out)
   record = {
     'options': dataclasses.asdict(o),
-    'val_accuracy': history[-1]['val_accuracy'],
+    'val_accuracy': history[-1].get('val_accuracy'),
+    'val_texture_accuracy': history[-1].get('val_texture_accuracy'),
     'val_object_iou': history[-1]['val_object_iou'],
     'chance': 1.0 / len(synthetic.SHAPES),
     'history': history,
@@ -338,9 +342,14 @@ def main(argv):
   fields = {f.name for f in dataclasses.fields(Options)}
   o = Options(**{k: v for k, v in flags.FLAGS.flag_values_dict().items() if k in fields})
   record = write(o, flags.FLAGS.out)
+  found = [
+    f'{name} {record[key]:.3f} (chance 0.2)'
+    for key, name in (('val_accuracy', 'shape accuracy'), ('val_texture_accuracy', 'texture'))
+    if record[key] is not None
+  ]
   print(
-    f'{flags.FLAGS.out}: validation accuracy {record["val_accuracy"]:.3f} (chance 0.2), '
-    f'object-cell IoU {record["val_object_iou"]:.3f}'
+    f'{flags.FLAGS.out}: validation {", ".join(found)}, object-cell IoU '
+    f'{record["val_object_iou"]:.3f}'
   )
 
 

@@ -187,6 +187,29 @@ def test_degraded_arm_trains_on_degraded_depth_but_is_scored_on_exact(tmp_path):
   np.testing.assert_array_equal(held['depth'], held_exact['depth'])
 
 
+def test_one_teacher_serves_every_seed(tmp_path, monkeypatch):
+  tb, out = testbed_config.get_config('tiny'), str(tmp_path)
+  teachers, arms, evaluated = [], [], {}
+
+  def fake_arm(tb_, out_, seed, name):
+    arms.append((seed, name))
+    return {'spec': f'{name}-{seed}', 'heldout': {}}
+
+  monkeypatch.setattr(testbed, 'teacher', lambda tb_, out_: teachers.append(out_) or {})
+  monkeypatch.setattr(testbed, 'arm', fake_arm)
+  monkeypatch.setattr(testbed, 'evaluate', lambda tb_, o, split, specs: evaluated.update(specs))
+  monkeypatch.setattr(testbed, 'report', lambda *args: 'md')
+  testbed.run(tb, out, [0, 1, 2], 'test')
+  assert teachers == [out]  # Once, not per seed.
+  assert sorted(arms) == sorted((s, n) for s in range(3) for n in testbed.ARMS)
+  assert [k for k in evaluated if k.startswith('teacher')] == [f'teacher-s{tb.teacher.seed}']
+  shared = os.path.join(out, 'teacher', 'backbone.safetensors')
+  assert evaluated[f'teacher-s{tb.teacher.seed}'] == shared
+  for seed in range(3):  # Every reconstruction arm of every seed starts from (and distils to) it.
+    for name in testbed.ARMS[:-1]:
+      assert testbed.arm_config(tb, out, seed, name).model.init_from == shared
+
+
 def test_resuming_with_another_config_is_refused(tmp_path):
   tb = testbed_config.get_config('tiny')
   testbed.check_workdir(tb, str(tmp_path))

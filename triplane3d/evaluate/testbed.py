@@ -7,8 +7,9 @@ shape-biased? A small world whose ground truth we control (`triplane3d.data.synt
 Stages, each resumable (a stage that finished is read back, an interrupted one continues):
 
   1. teacher     once, shared by every seed (as every run of the paper starts from the same
-                 DINOv2): `triplane3d.pretrain` from random weights on scenes where texture is
-                 a strong shortcut (configs/testbed.py `texture_prob`): the stand-in for DINOv2.
+                 DINOv2): `triplane3d.pretrain` from random weights on scenes where texture
+                 goes with the class (configs/testbed.py `texture_prob`), naming the texture
+                 and where the objects are, never the shape: the stand-in for DINOv2.
   2. arms        per seed, each from the teacher, same steps and scenes, only the objective
                  differs (ARMS): 3D-Prior; without distillation; with the conv decoder (no
                  triplane); RGB-only reconstruction (depth weight 0: is it the depth or just
@@ -44,7 +45,7 @@ from triplane3d.evaluate import runner
 ARMS = ('3d_prior', 'no_distill', 'conv_decoder', 'rgb_only', 'degraded_depth', 'more_teacher')
 ROWS = ('teacher', *ARMS)
 DESCRIPTIONS = {
-  'teacher': 'the stand-in for DINOv2, pushed towards texture (start of every arm)',
+  'teacher': 'the stand-in for DINOv2: names textures, never told shapes (start of every arm)',
   '3d_prior': '3D-Prior: RGB + depth reconstruction, distillation (paper weights)',
   'no_distill': '3D-Prior without distillation',
   'conv_decoder': '3D-Prior with a conv decoder to RGB + depth (no triplane, no renderer)',
@@ -78,7 +79,8 @@ def _read_json(path: str):
 
 
 def teacher_options(tb, seed: int, **changes):
-  """`pretrain.Options` of seed `seed`'s teacher (with `changes`)."""
+  """`pretrain.Options` of the teacher (`seed`: its initialisation and batch order; the
+  `more_teacher` arm passes its testbed seed) with `changes`."""
   from triplane3d import pretrain
 
   t = tb.teacher
@@ -352,11 +354,12 @@ def collect(summary: dict, arms: dict[tuple[str, int], dict]) -> dict[str, dict[
   return table
 
 
-def mean_std(values: list) -> tuple[float, float, int] | None:
+def mean_std(values: list) -> tuple[float, float | None, int] | None:
+  """(mean, sample std (None for one value), count) of the non-None values; None if none."""
   v = np.asarray([x for x in values if x is not None], np.float64)
   if not len(v):
     return None
-  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None, len(v)
 
 
 def _cell(values: list, fmt: str) -> str:
@@ -370,10 +373,12 @@ def _cell(values: list, fmt: str) -> str:
 
 
 def markdown(table: dict, num_seeds: int, split: str, baselines: dict) -> str:
-  """results.md: rows teacher + arms, columns COLUMNS, mean ± std (sample std) over seeds."""
+  """results.md: rows teacher + arms, columns COLUMNS, mean ± std (sample std) over seeds; the
+  teacher, one run shared by every seed, is one value."""
   head = '| | ' + ' | '.join(c[1] for c in COLUMNS) + ' |'
   lines = [
-    f'# Shape-bias testbed ({split} sets, {num_seeds} seed(s): mean ± std)',
+    f'# Shape-bias testbed ({split} sets, {num_seeds} seed(s): mean ± std; the teacher is one '
+    'run, shared)',
     '',
     head,
     '|' + '---|' * (len(COLUMNS) + 1),
