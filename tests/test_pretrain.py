@@ -41,10 +41,12 @@ def test_scenes_carry_their_generators_labels():
     pretrain.scenes(7, 1, 28, 'class', cells=5)
 
 
+# Options small enough for a test: a few steps on a few 28-px scenes.
+TINY = dict(img_size=28, num_scenes=32, num_val=16, steps=3, batch_size=4, warmup_steps=1)
+
+
 def test_write_gives_weights_that_load_as_dinov2(tmp_path):
-  o = pretrain.Options(
-    img_size=28, num_scenes=32, num_val=16, steps=3, batch_size=4, warmup_steps=1, log_every=1
-  )
+  o = pretrain.Options(**TINY, log_every=1)
   out = str(tmp_path / 'teacher.safetensors')
   record = pretrain.write(o, out)
   with open(out + '.json') as f:
@@ -104,12 +106,7 @@ def test_options_that_cannot_work_are_refused(bad, message):
 
 def test_shape_weight_zero_trains_no_shape_head_but_the_texture_head():
   o = pretrain.Options(
-    img_size=28,
-    num_scenes=32,
-    num_val=16,
-    steps=3,
-    batch_size=4,
-    warmup_steps=1,
+    **TINY,
     log_every=3,
     texture_mode='mixed',
     texture_class_prob=0.9,
