@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# The ViT-B/14 train step on one GPU: `python -m triplane3d.benchmark` for a few settings, each
-# report as JSON under $OUT (default ./gpu_step_out). Run from the repository root on a machine
-# with a CUDA jax; the project's own dependencies either installed or put on PYTHONPATH first.
+# The ViT-B/14 train step on one GPU: `python -m triplane3d.benchmark --config=configs/vitb.py`
+# in a few settings, one JSON report per setting under $OUT (default ./gpu_step_out). Run from
+# the repository root on a machine with a CUDA jax and the project's dependencies importable.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_step.sh [STEPS]
+#   OUT=/tmp/gpu STEPS=10 LIMIT=200 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
 #
-# Settings, in the order they run (the first is the paper's step as configs/vitb.py sets it,
-# per-device batch 64; each further one changes one thing): remat policy 'dots' (keep matmul
-# outputs); no rematerialisation; batch 128. A setting that fails (out of memory, say) is
-# reported and the next one runs.
+# A setting is NAME:--config.x=y,--config.z=w (comma-separated overrides on top of per-device
+# batch 64). Without arguments, the settings that split the step's time (issue 13; on an H100,
+# the paper step ran at 1.69 s for 64 images, 1.2 % MFU):
+#   b64        the paper step as configs/vitb.py sets it (the reference for the others);
+#   fused4     the plane lookup's 12 taps fused in both passes (render.taps) and 4 whole images
+#              per rematerialised render step (render.chunk): 16 loop trips instead of 64 × 16,
+#              none inside them (docs/performance.md, "The step on a GPU");
+#   rays4096   1/16 of the rays per image (render.rays_per_image): the renderer's share.
+# Each setting compiles afresh: ~75 s for ViT-B/14 on an H100 (jax 0.11.2), and ~40 s more of
+# start-up, initialisation and steps, so LIMIT (seconds per setting) must stay above ~150. A
+# setting that fails or runs out of time is reported, and the next one runs.
 set -u
 OUT=${OUT:-gpu_step_out}
-STEPS=${1:-20}
+STEPS=${STEPS:-10}
+LIMIT=${LIMIT:-200}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The configs import as triplane3d.configs, as an installed package lays them out.
@@ -19,22 +27,25 @@ export PYTHONUNBUFFERED=1
 [ -e triplane3d/launch ] || ln -sfn ../launch triplane3d/launch
 
 python3 - <<'EOF' 2>&1 | tee "$OUT/env.txt"
-import jax, flax, optax, orbax.checkpoint as ocp
+import os
+import triplane3d  # Sets XLA_FLAGS where this jax needs it (triplane3d/xla_gpu.py).
+import jax, flax, optax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
-print('devices', jax.devices())
+print('devices', jax.devices(), 'XLA_FLAGS', os.environ.get('XLA_FLAGS'))
 EOF
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv | tee -a "$OUT/env.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv |
+  tee -a "$OUT/env.txt"
 
-bench() {  # name, timeout in seconds, overrides...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name: $*"
-  timeout "$limit" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
-    --warmup=3 --json="$OUT/$name.json" "$@" 2>&1 | grep -v "^W\|^I" | tail -40
-}
-
-bench vitb_b64 180 --config.train.batch_size=64
-bench vitb_b64_dots 110 --config.train.batch_size=64 --config.model.remat_policy=dots
-bench vitb_b64_noremat 110 --config.train.batch_size=64 --config.model.remat=False
-bench vitb_b128 110 --config.train.batch_size=128
-ls -la "$OUT"
+settings=("$@")
+[ ${#settings[@]} -gt 0 ] ||
+  settings=(b64: fused4:--config.render.taps=fused,--config.render.chunk=262144
+    rays4096:--config.render.rays_per_image=4096)
+for setting in "${settings[@]}"; do
+  name=${setting%%:*}
+  IFS=, read -r -a overrides <<<"${setting#*:}"
+  echo "=== $name: ${overrides[*]} ($(date +%T))"
+  timeout "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
+    --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${overrides[@]}" 2>&1 |
+    grep -E "^(compile_s|step_s_median|images_per_s |mfu|memory_peak_bytes) |Error|error:"
+  echo "rc ${PIPESTATUS[0]} ($(date +%T))"
+done

@@ -73,6 +73,9 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.chunk = 4096
   c.render.rays_per_image = 0  # > 0: train on a random subset of rays per image.
   c.render.pdf_search = 'mask'  # 'mask' (TPU-friendly) or 'searchsorted'.
+  # How the plane lookup sums its 12 bilinear taps: 'auto' (fused forward on CPU, a loop over
+  # taps elsewhere and in the backward pass), 'fused' or 'loop' (render/planes.py).
+  c.render.taps = 'auto'
 
   # The one camera (see triplane3d/render/camera.py for the conventions).
   c.camera = mlc.ConfigDict()

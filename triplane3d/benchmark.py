@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import statistics
 import tempfile
@@ -348,6 +349,8 @@ def step_benchmark(
     'variant': config.model.variant,
     'platform': device.platform,
     'device_kind': device.device_kind,
+    'jax_version': jax.__version__,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
     'devices': devices,
     'mesh': dict(mesh.shape),
     'global_batch': config.train.batch_size,

@@ -44,8 +44,10 @@ def random_case(seed, n=200, h=5, w=7, c=4):
   return planes, points
 
 
-@pytest.mark.parametrize('axes', ['xyz', 'eg3d'])
-def test_sample_planes_matches_reference(axes):
+@pytest.mark.parametrize(
+  'axes, taps', [('xyz', 'auto'), ('eg3d', 'auto'), ('xyz', 'fused'), ('xyz', 'loop')]
+)
+def test_sample_planes_matches_reference(axes, taps):
   planes, points = random_case(0)
   got = sample_planes(
     jnp.asarray(planes, jnp.float32), jnp.asarray(points, jnp.float32), SIZE, axes, CENTER
@@ -53,7 +55,7 @@ def test_sample_planes_matches_reference(axes):
   want = ref_sample_planes(planes, points, axes)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
   mean = sample_planes_mean(
-    jnp.asarray(planes, jnp.float32), jnp.asarray(points, jnp.float32), SIZE, axes, CENTER
+    jnp.asarray(planes, jnp.float32), jnp.asarray(points, jnp.float32), SIZE, axes, CENTER, taps
   )
   np.testing.assert_allclose(mean, want.mean(axis=1), rtol=1e-5, atol=2e-6)
 
@@ -106,12 +108,13 @@ def test_outside_the_box_is_zero():
   assert np.all(np.asarray(sample_planes(planes, far_away, 1.0, 'xyz', (0, 0, 2))) == 0)
 
 
-def test_fused_mean_gradient_matches_autodiff_of_per_plane_lookup():
+@pytest.mark.parametrize('taps', ['auto', 'fused', 'loop'])
+def test_fused_mean_gradient_matches_autodiff_of_per_plane_lookup(taps):
   planes, points = random_case(4, n=64)
   pts = jnp.asarray(points, jnp.float32)
   cot = jnp.asarray(np.random.default_rng(5).normal(size=(64, 4)), jnp.float32)
   fused = jax.jit(
-    jax.grad(lambda p: jnp.sum(cot * sample_planes_mean(p, pts, SIZE, 'eg3d', CENTER)))
+    jax.grad(lambda p: jnp.sum(cot * sample_planes_mean(p, pts, SIZE, 'eg3d', CENTER, taps)))
   )
   plain = jax.jit(
     jax.grad(lambda p: jnp.sum(cot * sample_planes(p, pts, SIZE, 'eg3d', CENTER).mean(-2)))
@@ -128,3 +131,8 @@ def test_fused_mean_gradient_matches_autodiff_of_per_plane_lookup():
         basis[idx] = 1
         want[k][idx] += ref_grid_sample(basis, unit[a], unit[b])[0] * np.asarray(cot[n]) / 3
   np.testing.assert_allclose(fused(p), want, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_taps_is_refused():
+  with pytest.raises(ValueError, match=r'render\.taps must be one of'):
+    sample_planes_mean(jnp.ones((3, 4, 4, 2)), jnp.zeros((1, 3)), SIZE, 'xyz', CENTER, 'gather')

@@ -12,6 +12,7 @@ Plane orders (`plane_axes`):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -94,9 +95,13 @@ def _all_taps(planes_shape, coords_np2):
   return index, jnp.concatenate([t[1] for t in taps], axis=-1)
 
 
-@jax.custom_vjp
-def _mean_lookup(planes: jax.Array, coords_np2: jax.Array) -> jax.Array:
-  """Mean over planes of `_bilinear`: (3, H, W, C), (n, 3, 2) → (n, C)."""
+TAPS = ('auto', 'fused', 'loop')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mean_lookup(planes: jax.Array, coords_np2: jax.Array, taps: str) -> jax.Array:
+  """Mean over planes of `_bilinear`: (3, H, W, C), (n, 3, 2) → (n, C). `taps`: see
+  `sample_planes_mean`."""
   _, h, w, c = planes.shape
   index, weight = _all_taps(planes.shape, coords_np2)
   flat = planes.reshape(3 * h * w, c)
@@ -109,7 +114,7 @@ def _mean_lookup(planes: jax.Array, coords_np2: jax.Array) -> jax.Array:
 
   zeros = jnp.zeros((coords_np2.shape[0], c), planes.dtype)
 
-  def unrolled():
+  def fused():
     # XLA:CPU fuses the 12 gathers and the sum into one pass over the (n, C) output: 3× faster
     # than the loop, which reads and writes the accumulator once per tap (docs/performance.md).
     out = zeros
@@ -117,29 +122,39 @@ def _mean_lookup(planes: jax.Array, coords_np2: jax.Array) -> jax.Array:
       out = add_tap(j, out)
     return out
 
-  # Elsewhere the loop stays: accelerators may materialise each gathered (n, C) tap.
+  # The loop bounds what is live to one gathered (n, C) tap, where an accelerator's compiler
+  # might materialise all 12.
   looped = lambda: jax.lax.fori_loop(0, 12, add_tap, zeros)  # noqa: E731
-  return jax.lax.platform_dependent(cpu=unrolled, default=looped)
+  if taps == 'auto':
+    return jax.lax.platform_dependent(cpu=fused, default=looped)
+  return fused() if taps == 'fused' else looped()
 
 
-def _mean_lookup_fwd(planes, coords_np2):
-  return _mean_lookup(planes, coords_np2), (coords_np2, jnp.zeros((0,), planes.dtype), planes.shape)
+def _mean_lookup_fwd(planes, coords_np2, taps):
+  out = _mean_lookup(planes, coords_np2, taps)
+  return out, (coords_np2, jnp.zeros((0,), planes.dtype), planes.shape)
 
 
-def _mean_lookup_bwd(res, g_nc):
+def _mean_lookup_bwd(taps, res, g_nc):
   # Autodiff of 12 gathers transposes into 12 (n, C) update tensors and 12 plane-sized
-  # scatters, all live at once. Here: one accumulator, one tap's update at a time.
+  # scatters, all live at once. 'auto' / 'loop': one accumulator, one tap's update at a time.
+  # 'fused': one scatter of all 12 taps' (n, 12, C) updates (one kernel, 12× the updates live).
   coords_np2, proto, shape = res
   _, h, w, c = shape
   index, weight = _all_taps(shape, coords_np2)
   weight = (weight / 3.0).astype(g_nc.dtype)
+  grad = jnp.zeros((3 * h * w, c), proto.dtype)
+  if taps == 'fused':
+    updates = (weight[:, :, None] * g_nc[:, None, :]).reshape(-1, c)
+    grad = grad.at[index.reshape(-1)].add(updates.astype(grad.dtype))
+  else:
 
-  def add_tap(j, grad):
-    tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
-    wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
-    return grad.at[tap].add(wj[:, None] * g_nc)
+    def add_tap(j, grad):
+      tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
+      wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
+      return grad.at[tap].add(wj[:, None] * g_nc)
 
-  grad = jax.lax.fori_loop(0, 12, add_tap, jnp.zeros((3 * h * w, c), proto.dtype))
+    grad = jax.lax.fori_loop(0, 12, add_tap, grad)
   # No gradient w.r.t. the point positions: the renderer's sample positions carry none.
   return grad.reshape(shape), jnp.zeros_like(coords_np2)
 
@@ -176,10 +191,15 @@ def sample_planes_mean(
   box_size: float,
   plane_axes: str = 'xyz',
   box_center: Sequence[float] = (0.0, 0.0, 0.0),
+  taps: str = 'auto',
 ) -> jax.Array:
   """Mean over the three planes of `sample_planes`, without the (..., 3, C) intermediate.
 
-  Args: as `sample_planes`.
+  Args: as `sample_planes`, and `taps`, how the 12 bilinear taps (4 per plane) are summed:
+    'fused' — as one expression (forward; XLA fuses the gathers and the sum) and one scatter
+    (backward); 'loop' — a `fori_loop` over the taps in both passes, one tap's (n, C) at a
+    time; 'auto' — 'fused' forward on CPU, 'loop' elsewhere and in every backward pass. The
+    values agree to rounding; the choice is speed against memory (docs/performance.md).
 
   Returns:
     (..., C) the average of the three plane features of each point.
@@ -189,5 +209,7 @@ def sample_planes_mean(
   into a single plane-sized accumulator, which keeps the 2M-point lookup memory-lean.
   """
   batch_shape = points.shape[:-1]
+  if taps not in TAPS:
+    raise ValueError(f'render.taps must be one of {TAPS}, got {taps!r}.')
   coords_np2 = plane_coords(points, box_size, plane_axes, box_center).reshape(-1, 3, 2)
-  return _mean_lookup(planes, coords_np2).reshape(*batch_shape, planes.shape[-1])
+  return _mean_lookup(planes, coords_np2, taps).reshape(*batch_shape, planes.shape[-1])

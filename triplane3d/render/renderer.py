@@ -33,7 +33,7 @@ import ml_collections as mlc
 from triplane3d.render.camera import Camera, ray_table
 from triplane3d.render.marching import activate_density, raymarch
 from triplane3d.render.pdf import sample_pdf
-from triplane3d.render.planes import sample_planes_mean
+from triplane3d.render.planes import TAPS, sample_planes_mean
 from triplane3d.render.sampling import importance_bins, stratified_depths
 
 DecodeFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
@@ -67,6 +67,7 @@ class RenderOptions:
   chunk: int = 8192
   rays_per_image: int = 0
   pdf_search: str = 'mask'
+  taps: str = 'auto'
   camera: Camera = dataclasses.field(default_factory=Camera)
 
   def __post_init__(self):
@@ -82,6 +83,8 @@ class RenderOptions:
       )
     if self.plane_space not in ('box', 'frustum'):
       raise ValueError(f"render.plane_space must be 'box' or 'frustum', got {self.plane_space!r}.")
+    if self.taps not in TAPS:
+      raise ValueError(f'render.taps must be one of {TAPS}, got {self.taps!r}.')
     if self.chunk < 0:
       raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
 
@@ -102,6 +105,7 @@ class RenderOptions:
       chunk=int(render_cfg.chunk),
       rays_per_image=int(render_cfg.rays_per_image),
       pdf_search=str(render_cfg.pdf_search),
+      taps=str(render_cfg.get('taps', 'auto')),
       camera=camera,
     )
 
@@ -159,7 +163,9 @@ def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, option
   points = points_nk3.reshape(n * k, 3)
   if options.plane_space == 'frustum':
     points = cam.frustum_to_box(points, xp=jnp)
-  feats = sample_planes_mean(planes, points, cam.box_size, options.plane_axes, cam.box_center)
+  feats = sample_planes_mean(
+    planes, points, cam.box_size, options.plane_axes, cam.box_center, options.taps
+  )
   rgb, raw = decode_fn(mlp_params, feats)
   # March in the planes' precision (float32, or float64 in tests) whatever decode_fn used.
   return rgb.astype(planes.dtype).reshape(n, k, 3), raw.astype(planes.dtype).reshape(n, k)
