@@ -3,10 +3,10 @@
 # in a few settings, one JSON report per setting under $OUT (default ./gpu_step_out). Run from
 # the repository root on a machine with a CUDA jax and the project's dependencies importable.
 #
-#   OUT=/tmp/gpu STEPS=10 LIMIT=200 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
+#   OUT=/tmp/gpu STEPS=10 LIMIT=170 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
 #
-# A setting is NAME:--config.x=y,--config.z=w (comma-separated overrides on top of per-device
-# batch 64). Without arguments, the settings that split the step's time (issue 13; on an H100,
+# A setting is NAME:--config.x=y;--config.z=w (';'-separated overrides, as commas occur inside
+# tuple values, on top of per-device batch 64). Without arguments, the settings that split the step's time (issue 13; on an H100,
 # the paper step ran at 1.69 s for 64 images, 1.2 % MFU):
 #   b64        the paper step as configs/vitb.py sets it (the reference for the others);
 #   fused4     the plane lookup's 12 taps fused in both passes (render.taps) and 4 whole images
@@ -14,12 +14,13 @@
 #              none inside them (docs/performance.md, "The step on a GPU");
 #   rays4096   1/16 of the rays per image (render.rays_per_image): the renderer's share.
 # Each setting compiles afresh: ~75 s for ViT-B/14 on an H100 (jax 0.11.2), and ~40 s more of
-# start-up, initialisation and steps, so LIMIT (seconds per setting) must stay above ~150. A
-# setting that fails or runs out of time is reported, and the next one runs.
+# start-up, initialisation and steps, so LIMIT (seconds per setting) must stay above ~150 —
+# and the settings' LIMITs together below the device's 600 s per command. A setting that fails
+# or runs out of time is reported (its whole output in $OUT/NAME.log), and the next one runs.
 set -u
 OUT=${OUT:-gpu_step_out}
 STEPS=${STEPS:-10}
-LIMIT=${LIMIT:-200}
+LIMIT=${LIMIT:-170}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The configs import as triplane3d.configs, as an installed package lays them out.
@@ -33,19 +34,24 @@ import jax, flax, optax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
 print('devices', jax.devices(), 'XLA_FLAGS', os.environ.get('XLA_FLAGS'))
 EOF
+python3 -m pip list 2>/dev/null | grep -iE "^(jax|flax|optax)" | tee -a "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv |
   tee -a "$OUT/env.txt"
 
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=(b64: fused4:--config.render.taps=fused,--config.render.chunk=262144
-    rays4096:--config.render.rays_per_image=4096)
+  settings=('b64:' 'fused4:--config.render.taps=fused;--config.render.chunk=262144'
+    'rays4096:--config.render.rays_per_image=4096')
 for setting in "${settings[@]}"; do
+  case $setting in
+  *:*) ;;
+  *) echo "bad setting '$setting': want NAME:OVERRIDES (OVERRIDES may be empty)" && exit 2 ;;
+  esac
   name=${setting%%:*}
-  IFS=, read -r -a overrides <<<"${setting#*:}"
+  IFS=';' read -r -a overrides <<<"${setting#*:}"
   echo "=== $name: ${overrides[*]} ($(date +%T))"
-  timeout "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
+  timeout -k 15 "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
     --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${overrides[@]}" 2>&1 |
-    grep -E "^(compile_s|step_s_median|images_per_s |mfu|memory_peak_bytes) |Error|error:"
+    tee "$OUT/$name.log" | grep -E "^(compile_s|step_s_median|images_per_s |mfu|memory_peak_bytes) |Error|error:"
   echo "rc ${PIPESTATUS[0]} ($(date +%T))"
 done

@@ -28,6 +28,9 @@ def get_base_config() -> mlc.ConfigDict:
   # matmul outputs, recompute the rest: fewer FLOPs, but +41 MiB per image for ViT-B, so v5e no
   # longer holds 128/chip; docs/performance.md, "Optimisations").
   c.model.remat_policy = 'full'
+  # One `lax.scan` over the ViT blocks (same parameters, same values): XLA compiles one block
+  # instead of all of them (docs/performance.md, Optimisations). Needs model.drop_path_rate=0.
+  c.model.scan_blocks = False
   c.model.drop_path_rate = 0.0
   c.model.num_layers_h = 4  # h = normed cls + patch tokens of the last N blocks.
 

@@ -64,6 +64,7 @@ def test_apply_sets_the_option_for_an_affected_cuda_plugin(plugin):
     ({'jax-cuda13-plugin': '0.11.2'}, {}),  # A fixed jax.
     ({'jax-cuda12-plugin': '0.10.2'}, {'TRIPLANE3D_KEEP_XLA_FLAGS': '1'}),  # Opted out.
     ({'jax-cuda12-plugin': '0.10.2'}, {'XLA_FLAGS': '--xla_gpu_ftz=true'}),  # Atomics native.
+    ({'jax-cuda12-pjrt': '0.11.0'}, {'XLA_FLAGS': '--xla_gpu_ftz --x=1'}),
   ],
 )
 def test_apply_leaves_flags_alone(plugin, installed, env):
@@ -97,3 +98,19 @@ def test_cpu_compiles_accept_the_option():
     [sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True
   )
   assert out.stdout.strip() == '[2.0, 0.0, 1.0]'
+
+
+def test_backend_started_reads_jax():
+  """The private jax helper the warning relies on: False before a computation, True after."""
+  code = (
+    'from triplane3d import xla_gpu\n'
+    'import jax, jax.numpy as jnp\n'
+    'before = xla_gpu._backend_started()\n'
+    'jnp.zeros(1).block_until_ready()\n'
+    'print(before, xla_gpu._backend_started())\n'
+  )
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  out = subprocess.run(
+    [sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.split() == ['False', 'True']

@@ -14,7 +14,10 @@ before 0.10.2 did).
 `apply()` runs on `import triplane3d`: XLA reads `XLA_FLAGS` once, when jax first starts a
 backend, so it must come before any jax computation. It changes nothing unless a jax CUDA
 plugin of an affected version is installed, the user has not set the option already, and
-`TRIPLANE3D_KEEP_XLA_FLAGS` is unset. CPU and TPU compiles accept the option and ignore it.
+`TRIPLANE3D_KEEP_XLA_FLAGS` is unset. XLA:CPU compiles in the same process accept the option
+(tests/test_xla_gpu.py); a TPU install has no CUDA plugin, so there it is never set. The flag
+reaches child processes too, and every float32 atomic add on the GPU then flushes denormal
+partial sums (what jaxlib did before 0.10.2).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ FTZ_ATOMICS = '-nvptx-allow-ftz-atomics'
 EXTRA_OPTIONS = '--xla_backend_extra_options='
 AFFECTED = ((0, 10, 2), (0, 11, 0))  # First and last jaxlib with the CAS-loop atomics.
 OPT_OUT = 'TRIPLANE3D_KEEP_XLA_FLAGS'
-CUDA_PLUGINS = ('jax-cuda12-plugin', 'jax-cuda13-plugin')
+# The PJRT plugin holds the GPU compiler; the -plugin package is pinned to the same version.
+CUDA_PLUGINS = ('jax-cuda12-pjrt', 'jax-cuda13-pjrt', 'jax-cuda12-plugin', 'jax-cuda13-plugin')
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:
@@ -90,7 +94,7 @@ def apply(environ: MutableMapping[str, str] | None = None) -> bool:
   if not cuda or not affected(cuda[0]):
     return False
   flags = environ.get('XLA_FLAGS', '')
-  if FTZ_ATOMICS in flags or '--xla_gpu_ftz=true' in flags.lower():
+  if FTZ_ATOMICS in flags or re.search(r'--xla_gpu_ftz(=true)?(\s|$)', flags.lower()):
     return False
   environ['XLA_FLAGS'] = with_extra_option(flags, FTZ_ATOMICS)
   if _backend_started():

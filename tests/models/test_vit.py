@@ -204,3 +204,61 @@ def test_remat_policies_keep_outputs_and_gradients(policy):
 def test_unknown_remat_policy_is_refused():
   with pytest.raises(ValueError, match='remat_policy'):
     vit.init_params(vit.create('vit_tiny14', remat=True, remat_policy='dot'), jax.random.key(0), 56)
+
+
+def test_scanned_blocks_match_pytorch(case):
+  """model.scan_blocks: the same parameters, run as one scan, still DINOv2 (remat on too)."""
+  torch_model, model, routes = case
+  scanned = model.clone(scan_blocks=True, remat=True)
+  x = _images(224, 224)
+  got = scanned.apply(
+    {'params': routes['hf']},
+    x,
+    method='get_intermediate_layers',
+    n=[2, 5, 11],
+    return_class_token=True,
+    norm=True,
+  )
+  want = ref.intermediate_layers(torch_model, x, [2, 5, 11], True)
+  err = max(
+    float(np.abs(np.asarray(g) - w).max())
+    for gw, ww in zip(got, want, strict=True)
+    for g, w in zip(gw, ww, strict=True)
+  )
+  assert err <= 1e-4, err
+  plain = model.apply({'params': routes['hf']}, x)['x_norm_patchtokens']
+  np.testing.assert_allclose(
+    scanned.apply({'params': routes['hf']}, x)['x_norm_patchtokens'], plain, atol=1e-5
+  )
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_scanned_blocks_keep_gradients_and_the_param_tree(remat):
+  plain = vit.create('vit_tiny14', remat=remat)
+  scanned = vit.create('vit_tiny14', remat=remat, scan_blocks=True)
+  params = vit.init_params(plain, jax.random.key(1), 56)
+  # init builds the same per-block tree, so checkpoints and converters are unaffected.
+  assert jax.tree.structure(vit.init_params(scanned, jax.random.key(1), 56)) == jax.tree.structure(
+    params
+  )
+  x = jnp.asarray(_images(56, 56))
+
+  def loss(model):
+    return lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x)['x_norm_patchtokens']))
+
+  g = jax.jit(jax.grad(loss(plain)))(params)
+  g_scan = jax.jit(jax.grad(loss(scanned)))(params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.abs(b).max())), g_scan, g
+  )
+  text = jax.jit(jax.grad(loss(scanned))).lower(params).as_text()
+  assert text.count('stablehlo.while') == 2  # One scan forward, one backward: not 12 blocks.
+
+
+def test_scanned_blocks_refuse_drop_path_in_training():
+  model = vit.create('vit_tiny14', scan_blocks=True, drop_path_rate=0.1)
+  x = jnp.asarray(_images(56, 56))
+  params = vit.init_params(model, jax.random.key(0), 56)
+  model.apply({'params': params}, x)  # Inference: drop path is off, scanning is fine.
+  with pytest.raises(ValueError, match='drop_path_rate=0'):
+    model.apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.key(1)})

@@ -136,3 +136,15 @@ def test_fused_mean_gradient_matches_autodiff_of_per_plane_lookup(taps):
 def test_unknown_taps_is_refused():
   with pytest.raises(ValueError, match=r'render\.taps must be one of'):
     sample_planes_mean(jnp.ones((3, 4, 4, 2)), jnp.zeros((1, 3)), SIZE, 'xyz', CENTER, 'gather')
+
+
+@pytest.mark.parametrize('taps, loops', [('fused', 0), ('loop', 2)])
+def test_taps_choose_the_program(taps, loops):
+  """'fused' leaves no loop in the lookup's forward + backward; 'loop' one in each pass."""
+  planes, points = random_case(6, n=32)
+  pts = jnp.asarray(points, jnp.float32)
+  grad = jax.value_and_grad(
+    lambda p: jnp.sum(sample_planes_mean(p, pts, SIZE, 'xyz', CENTER, taps))
+  )
+  text = jax.jit(grad).lower(jnp.asarray(planes, jnp.float32)).as_text()
+  assert text.count('stablehlo.while') == loops

@@ -327,6 +327,11 @@ def test_options_from_config_and_ray_table():
   np.testing.assert_array_equal(origins, want_o.reshape(-1, 3))
   with pytest.raises(ValueError):
     RenderOptions(num_coarse=3, num_fine=4)
+  assert opts.taps == 'auto'
+  cfg.render.taps = 'fused'
+  assert RenderOptions.from_config(cfg.render, camera).taps == 'fused'
+  with pytest.raises(ValueError, match=r'render\.taps must be one of'):
+    RenderOptions(taps='gather')
 
 
 @pytest.mark.parametrize('space', ['box', 'frustum'])

@@ -47,6 +47,7 @@ class Prior3D:
       dtype=jnp.dtype(m.dtype),
       remat=m.remat,
       remat_policy=str(m.get('remat_policy', 'full')),
+      scan_blocks=bool(m.get('scan_blocks', False)),
       drop_path_rate=m.drop_path_rate,
       act_sharding=act_sharding,
     )

@@ -185,6 +185,9 @@ class DinoViT(nn.Module):
   drop_path_rate: float = 0.0
   remat: bool = False
   remat_policy: str = 'full'  # 'full': keep nothing; 'dots': keep matmul outputs (REMAT_POLICIES).
+  # Run the blocks as one `lax.scan` over their stacked parameters (the parameter tree keeps
+  # its per-block names): XLA compiles one block instead of `depth`. Needs drop_path_rate 0.
+  scan_blocks: bool = False
   dtype: Dtype = jnp.float32
   # Optional sharding of activations (B, ...) between blocks, e.g. the batch over data × fsdp;
   # keeps FSDP from trading batch sharding for weight-stationary layouts. None: no constraint.
@@ -259,18 +262,55 @@ class DinoViT(nn.Module):
       x = jnp.concatenate([x[:, :1], reg.astype(x.dtype), x[:, 1:]], axis=1)
     return x
 
-  def _run_blocks(self, x, stop: int, deterministic: bool) -> list[jax.Array]:
+  def _run_blocks(self, x, first: int, stop: int, deterministic: bool) -> list[jax.Array]:
+    """The outputs (B, T, D) of blocks first … stop-1 (all of 0 … stop-1 run)."""
+    if self.scan_blocks and not self.is_initializing():
+      if first == stop - 1:  # The last output alone: one scan that keeps no stack.
+        return self._scan_blocks(x, 0, stop, deterministic, collect=False)
+      # Two scans: the outputs before `first` are never stacked in memory.
+      x = self._scan_blocks(x, 0, first, deterministic, collect=False)[-1] if first else x
+      return self._scan_blocks(x, first, stop, deterministic, collect=True)
     outs = []
     for blk in self.blocks[:stop]:
       if self.act_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, self.act_sharding)
       x = blk(x, deterministic)
       outs.append(x)
-    return outs
+    return outs[first:]
+
+  def _scan_blocks(
+    self, x, start: int, stop: int, deterministic: bool, collect: bool
+  ) -> list[jax.Array]:
+    """Blocks start … stop-1 as a `lax.scan` of one block over their stacked parameters: each
+    block's output, or (not `collect`) only the last."""
+    if self.drop_path_rate and not deterministic:
+      raise ValueError(
+        'model.scan_blocks runs every block with the same code and cannot give each block its '
+        'own stochastic-depth rate: set model.drop_path_rate=0 or model.scan_blocks=False.'
+      )
+    params = [nn.meta.unbox(self.blocks[i].variables['params']) for i in range(start, stop)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *params)
+    # A detached module (parent=None), applied functionally to each block's parameters.
+    block = Block(
+      self.num_heads, self.ffn, self.mlp_ratio, self.layerscale_init, 0.0, self.dtype, parent=None
+    )
+    sharding = self.act_sharding
+
+    def body(x, p):
+      if sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+      y = block.apply({'params': p}, x, True)
+      return y, (y if collect else None)
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=remat_policy(self.remat_policy), prevent_cse=False)
+    last, ys = jax.lax.scan(body, x, stacked)
+    return [ys[i] for i in range(stop - start)] if collect else [last]
 
   def __call__(self, x_bhwc, deterministic: bool = True) -> dict[str, jax.Array]:
     """DINOv2's `forward_features`: normed class (B, D), register (B, R, D), patch (B, h·w, D)."""
-    x = self.norm(self._run_blocks(self.prepare_tokens(x_bhwc), self.depth, deterministic)[-1])
+    tokens = self.prepare_tokens(x_bhwc)
+    x = self.norm(self._run_blocks(tokens, self.depth - 1, self.depth, deterministic)[-1])
     r = 1 + self.num_registers
     return {
       'x_norm_clstoken': x[:, 0],
@@ -302,8 +342,9 @@ class DinoViT(nn.Module):
     if not idx or min(idx) < 0 or max(idx) >= self.depth:
       raise ValueError(f'block indices {idx} out of range for a {self.depth}-block model.')
     # Blocks after the last requested one do not influence the result: skip them.
-    outs = self._run_blocks(self.prepare_tokens(x_bhwc), max(idx) + 1, deterministic)
-    sel = [self.norm(outs[i]) if norm else outs[i] for i in idx]
+    first = min(idx)
+    outs = self._run_blocks(self.prepare_tokens(x_bhwc), first, max(idx) + 1, deterministic)
+    sel = [self.norm(outs[i - first]) if norm else outs[i - first] for i in idx]
     r = 1 + self.num_registers
     if return_class_token:
       return tuple((o[:, r:], o[:, 0]) for o in sel)
