@@ -2,6 +2,7 @@
 NaN stop, refusals of impossible configs."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -318,3 +319,13 @@ def test_reconstruct_uses_the_stored_config(finished, tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'stored config' in done.stdout
   assert Image.open(tmp_path / 'out' / 'red.rgb.png').size == (8, 8)  # The run's resolution.
+
+
+def test_density_death_is_reported_with_the_fix(caplog):
+  """A window whose densities underflowed (loss/norm ~ 1e-30, as in a collapsed run) warns with
+  the fix; healthy windows, and decoders without densities, do not."""
+  with caplog.at_level(logging.WARNING):
+    assert train.warn_if_densities_died(40, {'norm': 3e-31, 'psnr': 5.3})
+  assert 'optim.warmup_steps' in caplog.text and 'step 40' in caplog.text
+  assert not train.warn_if_densities_died(40, {'norm': 0.43})
+  assert not train.warn_if_densities_died(40, {'psnr': 20.0})  # The conv ablation: no 'norm'.

@@ -606,6 +606,8 @@ def _loop(
             tqdm_write(f'step {step}: held-out {reconstruction.describe(result["heldout"])}')
         ctx.writer.scalars(step, {**means, **heldout})
         bar.update(step, means)
+        if 'densities_died' not in result and warn_if_densities_died(step, means):
+          result['densities_died'] = step  # Warned once, at this step.
       if image_step:
         draw(step)
       if stop or last or ctx.ckpt.due(step):
@@ -623,6 +625,30 @@ def _loop(
     bar.close()
   result['state'] = state
   return result
+
+
+# Below this mean activated density (loss term 'norm') every ray is empty: healthy runs log
+# 0.1–2. Softplus then passes ~e^raw of the colour gradient, so colour never trains again,
+# while the depth loss (a weighted mean over the ray, scale-free) keeps training
+# (docs/reconstruction.md, "Density death").
+DEAD_DENSITY = 1e-12
+
+
+def warn_if_densities_died(step: int, means: dict) -> bool:
+  """Logs a warning naming the fix when the window's densities have collapsed to zero; returns
+  whether it did."""
+  norm = means.get('norm')
+  if norm is None or not 0.0 <= norm < DEAD_DENSITY:
+    return False
+  logging.warning(
+    'step %d: every density has collapsed to ~0 (loss/norm %.3g): the renders are empty and '
+    'the colour loss has no gradient left, so this run will not recover. Restart with a '
+    'smaller optim.lr or a warm-up (optim.warmup_steps=20); docs/reconstruction.md, '
+    '"Density death".',
+    step,
+    norm,
+  )
+  return True
 
 
 def tqdm_write(line: str) -> None:
