@@ -29,7 +29,7 @@ def get_base_config() -> mlc.ConfigDict:
   # longer holds 128/chip; docs/performance.md, "Optimisations").
   c.model.remat_policy = 'full'
   # One `lax.scan` over the ViT blocks (same parameters, same values): XLA compiles one block
-  # instead of all of them — ViT-L with FSDP compiles 43 % faster, 0.6 GiB less code — but
+  # instead of all of them — ViT-L with FSDP compiles in 43 % less time, 0.6 GiB less code — but
   # stacking costs temporaries (ViT-B at 128/chip on v5e: +3.2 GiB, no longer fits). Off
   # (docs/performance.md, Optimisations). Needs model.drop_path_rate=0 in training.
   c.model.scan_blocks = False

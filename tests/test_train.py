@@ -323,9 +323,26 @@ def test_reconstruct_uses_the_stored_config(finished, tmp_path):
 
 def test_density_death_is_reported_with_the_fix(caplog):
   """A window whose densities underflowed (loss/norm ~ 1e-30, as in a collapsed run) warns with
-  the fix; healthy windows, and decoders without densities, do not."""
+  the fix; healthy windows, the conv ablation (whose objective reports norm 0: no densities)
+  and the 'sum' reduction (another scale) do not."""
+  from triplane3d import losses
+  from triplane3d.configs import ablations, common
+
+  config = common.get_base_config()
   with caplog.at_level(logging.WARNING):
-    assert train.warn_if_densities_died(40, {'norm': 3e-31, 'psnr': 5.3})
+    assert train.warn_if_densities_died(40, {'norm': 3e-31, 'psnr': 5.3}, config)
   assert 'optim.warmup_steps' in caplog.text and 'step 40' in caplog.text
-  assert not train.warn_if_densities_died(40, {'norm': 0.43})
-  assert not train.warn_if_densities_died(40, {'psnr': 20.0})  # The conv ablation: no 'norm'.
+  assert not train.warn_if_densities_died(40, {'norm': 0.43}, config)
+  summed = config.copy_and_resolve_references()
+  summed.loss.norm_reduction = 'sum'
+  assert not train.warn_if_densities_died(40, {'norm': 3e-31}, summed)
+  conv = ablations.get_config('no_triplane')
+  recon = {
+    'rgb': jnp.zeros((1, 4, 3)),
+    'depth': jnp.ones((1, 4, 1)),
+    'ray_indices': jnp.arange(4)[None],
+  }
+  batch = {'rgb': jnp.zeros((1, 2, 2, 3)), 'depth': jnp.ones((1, 2, 2, 1))}
+  _, terms = losses.objective(recon, batch, None, None, conv.loss)
+  assert float(terms['norm']) == 0.0  # What the conv ablation logs: no densities at all.
+  assert not train.warn_if_densities_died(40, {k: float(v) for k, v in terms.items()}, conv)

@@ -43,8 +43,10 @@ RESUMABLE = frozenset({
   'mesh.fsdp',
   'model.remat',  # Memory for compute: the same numbers.
   'model.remat_policy',
+  'model.scan_blocks',  # The same blocks and parameters, compiled as one loop.
   'decoder.remat',
   'render.chunk',
+  'render.taps',  # How the lookup's 12 taps are summed: float summation order only.
   # Micro-batches of the same global batch: each image draws the same rays whatever k (the
   # rays are keyed per image), so only the float summation order changes.
   'train.accum_steps',

@@ -606,8 +606,9 @@ def _loop(
             tqdm_write(f'step {step}: held-out {reconstruction.describe(result["heldout"])}')
         ctx.writer.scalars(step, {**means, **heldout})
         bar.update(step, means)
-        if 'densities_died' not in result and warn_if_densities_died(step, means):
-          result['densities_died'] = step  # Warned once, at this step.
+        if 'densities_died' not in result and jax.process_index() == 0:
+          if warn_if_densities_died(step, means, config):
+            result['densities_died'] = step  # Warned once, at this step.
       if image_step:
         draw(step)
       if stop or last or ctx.ckpt.due(step):
@@ -627,16 +628,19 @@ def _loop(
   return result
 
 
-# Below this mean activated density (loss term 'norm') every ray is empty: healthy runs log
-# 0.1–2. Softplus then passes ~e^raw of the colour gradient, so colour never trains again,
-# while the depth loss (a weighted mean over the ray, scale-free) keeps training
-# (docs/reconstruction.md, "Density death").
+# Below this mean activated density (loss term 'norm' with loss.norm_reduction 'mean') every
+# ray is empty: healthy runs log 0.1–2. Softplus then passes ~e^raw of the colour gradient, so
+# colour never trains again, while the depth loss (a weighted mean over the ray, scale-free)
+# keeps training (docs/reconstruction.md, "Density death").
 DEAD_DENSITY = 1e-12
 
 
-def warn_if_densities_died(step: int, means: dict) -> bool:
+def warn_if_densities_died(step: int, means: dict, config: mlc.ConfigDict) -> bool:
   """Logs a warning naming the fix when the window's densities have collapsed to zero; returns
-  whether it did."""
+  whether it did. Only the triplane decoder has densities ('norm' is 0 by definition for the
+  conv ablation), and only the 'mean' reduction has a scale-free threshold."""
+  if config.decoder.kind != 'triplane' or config.loss.get('norm_reduction', 'mean') != 'mean':
+    return False
   norm = means.get('norm')
   if norm is None or not 0.0 <= norm < DEAD_DENSITY:
     return False
