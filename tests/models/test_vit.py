@@ -254,6 +254,22 @@ def test_scanned_blocks_keep_gradients_and_the_param_tree(remat):
   text = jax.jit(jax.grad(loss(scanned))).lower(params).as_text()
   assert text.count('stablehlo.while') == 2  # One scan forward, one backward: not 12 blocks.
 
+  # The trainer's path: the last 4 blocks' outputs, from two scans (8 blocks, then 4 collected).
+  def h_loss(model):
+    def f(p):
+      outs = model.apply(
+        {'params': p}, x, n=4, return_class_token=True, method='get_intermediate_layers'
+      )
+      return sum(jnp.sum(jnp.sin(a)) + jnp.sum(jnp.cos(c)) for a, c in outs)
+
+    return f
+
+  g = jax.jit(jax.grad(h_loss(plain)))(params)
+  g_scan = jax.jit(jax.grad(h_loss(scanned)))(params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * float(jnp.abs(b).max())), g_scan, g
+  )
+
 
 def test_scanned_blocks_refuse_drop_path_in_training():
   model = vit.create('vit_tiny14', scan_blocks=True, drop_path_rate=0.1)
@@ -262,3 +278,14 @@ def test_scanned_blocks_refuse_drop_path_in_training():
   model.apply({'params': params}, x)  # Inference: drop path is off, scanning is fine.
   with pytest.raises(ValueError, match='drop_path_rate=0'):
     model.apply({'params': params}, x, deterministic=False, rngs={'dropout': jax.random.key(1)})
+
+
+def test_scan_blocks_reaches_the_backbone_from_the_config(tmp_path):
+  from tiny import tiny_config
+
+  from triplane3d.models.prior3d import Prior3D
+
+  config = tiny_config(str(tmp_path))
+  assert not Prior3D.from_config(config).backbone.scan_blocks
+  config.model.scan_blocks = True
+  assert Prior3D.from_config(config).backbone.scan_blocks
