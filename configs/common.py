@@ -76,10 +76,15 @@ def get_base_config() -> mlc.ConfigDict:
   # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
   # 0 renders all rays of all images at once (2 GiB per image).
   c.render.chunk = 4096
+  # The chunk on GPUs: 4 whole 256² images per rematerialised step. A GPU launches every loop
+  # trip's kernels from the host (~5 µs each): at 4096 the ViT-B/14 step at 64 per GPU launched
+  # ~364 000 kernels (1.69 s on an H100), at 262144 ~4 700, for 14 GiB of its 80 (compiled for
+  # an H100 from a CPU: docs/performance.md, "The step on a GPU"). 0: render.chunk on GPUs too.
+  c.render.gpu_chunk = 262144
   c.render.rays_per_image = 0  # > 0: train on a random subset of rays per image.
   c.render.pdf_search = 'mask'  # 'mask' (TPU-friendly) or 'searchsorted'.
-  # How the plane lookup sums its 12 bilinear taps: 'auto' (fused forward on CPU, a loop over
-  # taps elsewhere and in the backward pass), 'fused' or 'loop' (render/planes.py).
+  # How the plane lookup sums its 12 bilinear taps: 'auto' (fused on GPUs; on CPU fused
+  # forward, a loop over taps backward; a loop on TPU), 'fused' or 'loop' (render/planes.py).
   c.render.taps = 'auto'
 
   # The one camera (see triplane3d/render/camera.py for the conventions).

@@ -46,6 +46,7 @@ RESUMABLE = frozenset({
   'model.scan_blocks',  # The same blocks and parameters, compiled as one loop.
   'decoder.remat',
   'render.chunk',
+  'render.gpu_chunk',
   'render.taps',  # How the lookup's 12 taps are summed: float summation order only.
   # Micro-batches of the same global batch: each image draws the same rays whatever k (the
   # rays are keyed per image), so only the float summation order changes.

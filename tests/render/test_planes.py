@@ -138,6 +138,20 @@ def test_unknown_taps_is_refused():
     sample_planes_mean(jnp.ones((3, 4, 4, 2)), jnp.zeros((1, 3)), SIZE, 'xyz', CENTER, 'gather')
 
 
+@pytest.mark.parametrize('platform, loops', [('cuda', 0), ('rocm', 0), ('cpu', 1), ('tpu', 2)])
+def test_auto_taps_per_platform(platform, loops):
+  # 'auto': fused in both passes on GPUs, a loop backward on CPU, loops in both on TPU.
+  planes, points = random_case(6, n=32)
+  pts = jnp.asarray(points, jnp.float32)
+  grad = jax.value_and_grad(
+    lambda p: jnp.sum(sample_planes_mean(p, pts, SIZE, 'xyz', CENTER, 'auto'))
+  )
+  exported = jax.export.export(jax.jit(grad), platforms=(platform,))(
+    jnp.asarray(planes, jnp.float32)
+  )
+  assert exported.mlir_module().count('stablehlo.while') == loops
+
+
 @pytest.mark.parametrize('taps, loops', [('fused', 0), ('loop', 2)])
 def test_taps_choose_the_program(taps, loops):
   """'fused' leaves no loop in the lookup's forward + backward; 'loop' one in each pass."""

@@ -315,6 +315,56 @@ def test_sharded_batch_renders_each_slice_on_its_own_devices(devices, chunk):
     render_batch(planes_b, params, keys, decode_fn=point_mlp, options=opts, batch_shards=3)
 
 
+def exported_whiles(fn, platform, *args):
+  """The number of `while` loops in `fn` lowered for `platform` (no such device needed)."""
+  exported = jax.export.export(jax.jit(fn), platforms=(platform,))(*args)
+  return exported.mlir_module().count('stablehlo.while')
+
+
+def test_gpu_chunk_is_the_chunk_on_gpus_only():
+  # 3 images of 36 rays: chunk=10 loops over images and chunks; chunk=80 renders two whole
+  # images per step. Lowered for a platform, the program is that platform's chunk's program.
+  scenes = [make_scene(s) for s in (8, 9, 10)]
+  planes_b = jnp.stack([p for p, _ in scenes])
+  params, keys = scenes[0][1], jax.random.split(jax.random.key(11), 3)
+  small, big = dataclasses.replace(OPTS, chunk=10), dataclasses.replace(OPTS, chunk=80)
+  both = dataclasses.replace(OPTS, chunk=10, gpu_chunk=80)
+
+  def fwd(opts):
+    return lambda *a: batch_loss_value(opts, *a)
+
+  args = (planes_b, params, keys)
+  for platform, want in (('cuda', big), ('tpu', small)):
+    got = exported_whiles(fwd(both), platform, *args)
+    assert got == exported_whiles(fwd(want), platform, *args), platform
+  assert exported_whiles(fwd(small), 'cuda', *args) != exported_whiles(fwd(big), 'cuda', *args)
+  # On this CPU it renders what chunk=10 renders (and so what every chunk renders).
+  (_, got), got_grad = batch_loss(render_batch, both)(*args)
+  (_, want), want_grad = batch_loss(render_batch, small)(*args)
+  for name in ('rgb', 'depth', 'opacity', 'densities'):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_array_equal(g, w)
+
+  # render_image dispatches too (the evaluation's and the demo's single-image renders).
+  def one(chunk, gpu_chunk=0):
+    opts = dataclasses.replace(OPTS, chunk=chunk, gpu_chunk=gpu_chunk)
+    return lambda p, m, k: render_image(p, m, k, decode_fn=point_mlp, options=opts).rgb
+
+  one_args = (planes_b[0], params, keys[0])
+  for platform, want in (('cuda', 10), ('tpu', 0)):
+    got = exported_whiles(one(0, gpu_chunk=10), platform, *one_args)
+    assert got == exported_whiles(one(want), platform, *one_args), platform
+  assert exported_whiles(one(10), 'cuda', *one_args) != exported_whiles(one(0), 'cuda', *one_args)
+  with pytest.raises(ValueError, match=r'render\.gpu_chunk must be >= 0'):
+    RenderOptions(gpu_chunk=-1)
+
+
+def batch_loss_value(opts, planes_b, params, keys):
+  out = render_batch(planes_b, params, keys, decode_fn=point_mlp, options=opts)
+  return jnp.sum(out.rgb) + jnp.sum(out.depth)
+
+
 def test_options_from_config_and_ray_table():
   cfg = common.get_base_config()
   camera = Camera.from_config(cfg.camera)
@@ -327,7 +377,7 @@ def test_options_from_config_and_ray_table():
   np.testing.assert_array_equal(origins, want_o.reshape(-1, 3))
   with pytest.raises(ValueError):
     RenderOptions(num_coarse=3, num_fine=4)
-  assert opts.taps == 'auto'
+  assert opts.taps == 'auto' and (opts.chunk, opts.gpu_chunk) == (4096, 262144)
   cfg.render.taps = 'fused'
   assert RenderOptions.from_config(cfg.render, camera).taps == 'fused'
   with pytest.raises(ValueError, match=r'render\.taps must be one of'):

@@ -122,11 +122,13 @@ def _mean_lookup(planes: jax.Array, coords_np2: jax.Array, taps: str) -> jax.Arr
       out = add_tap(j, out)
     return out
 
-  # The loop bounds what is live to one gathered (n, C) tap, where an accelerator's compiler
-  # might materialise all 12.
+  # The loop bounds what is live to one gathered (n, C) tap, where TPU's compiler might
+  # materialise all 12. On a GPU each loop trip is a host-launched sequence of kernels: with
+  # 4096-ray chunks the ViT-B/14 step launched ~364 000 kernels (docs/performance.md, "The step
+  # on a GPU"), so GPUs take the fused sum, whose memory they have.
   looped = lambda: jax.lax.fori_loop(0, 12, add_tap, zeros)  # noqa: E731
   if taps == 'auto':
-    return jax.lax.platform_dependent(cpu=fused, default=looped)
+    return jax.lax.platform_dependent(cpu=fused, cuda=fused, rocm=fused, default=looped)
   return fused() if taps == 'fused' else looped()
 
 
@@ -137,24 +139,29 @@ def _mean_lookup_fwd(planes, coords_np2, taps):
 
 def _mean_lookup_bwd(taps, res, g_nc):
   # Autodiff of 12 gathers transposes into 12 (n, C) update tensors and 12 plane-sized
-  # scatters, all live at once. 'auto' / 'loop': one accumulator, one tap's update at a time.
-  # 'fused': one scatter of all 12 taps' (n, 12, C) updates (one kernel, 12× the updates live).
+  # scatters, all live at once. 'loop' (and 'auto' on CPU and TPU): one accumulator, one tap's
+  # update at a time. 'fused' (and 'auto' on GPUs, see `_mean_lookup`): one scatter of all 12
+  # taps' (n, 12, C) updates (one kernel, 12× the updates live).
   coords_np2, proto, shape = res
   _, h, w, c = shape
   index, weight = _all_taps(shape, coords_np2)
   weight = (weight / 3.0).astype(g_nc.dtype)
   grad = jnp.zeros((3 * h * w, c), proto.dtype)
-  if taps == 'fused':
+
+  def fused():
     updates = (weight[:, :, None] * g_nc[:, None, :]).reshape(-1, c)
-    grad = grad.at[index.reshape(-1)].add(updates.astype(grad.dtype))
+    return grad.at[index.reshape(-1)].add(updates.astype(grad.dtype))
+
+  def add_tap(j, grad):
+    tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
+    wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
+    return grad.at[tap].add(wj[:, None] * g_nc)
+
+  looped = lambda: jax.lax.fori_loop(0, 12, add_tap, grad)  # noqa: E731
+  if taps == 'auto':
+    grad = jax.lax.platform_dependent(cuda=fused, rocm=fused, default=looped)
   else:
-
-    def add_tap(j, grad):
-      tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
-      wj = jax.lax.dynamic_index_in_dim(weight, j, axis=1, keepdims=False)
-      return grad.at[tap].add(wj[:, None] * g_nc)
-
-    grad = jax.lax.fori_loop(0, 12, add_tap, grad)
+    grad = fused() if taps == 'fused' else looped()
   # No gradient w.r.t. the point positions: the renderer's sample positions carry none.
   return grad.reshape(shape), jnp.zeros_like(coords_np2)
 
@@ -198,15 +205,17 @@ def sample_planes_mean(
   Args: as `sample_planes`, and `taps`, how the 12 bilinear taps (4 per plane) are summed:
     'fused' — as one expression (forward; XLA fuses the gathers and the sum) and one scatter
     (backward); 'loop' — a `fori_loop` over the taps in both passes, one tap's (n, C) at a
-    time; 'auto' — 'fused' forward on CPU, 'loop' elsewhere and in every backward pass. The
-    values agree to rounding; the choice is speed against memory (docs/performance.md).
+    time; 'auto' — 'fused' in both passes on GPUs, 'fused' forward and 'loop' backward on
+    CPU, 'loop' in both on TPU (chosen per platform when the program is lowered). The values
+    agree to rounding; the choice is speed against memory (docs/performance.md).
 
   Returns:
     (..., C) the average of the three plane features of each point.
 
   Differentiable w.r.t. `planes` only (the gradient w.r.t. `points` is zero: the renderer's
-  sample positions carry no gradient); its backward pass scatter-adds one tap at a time
-  into a single plane-sized accumulator, which keeps the 2M-point lookup memory-lean.
+  sample positions carry no gradient); its backward pass scatter-adds into a single
+  plane-sized accumulator ('loop': one tap at a time, which keeps the 2M-point lookup
+  memory-lean).
   """
   batch_shape = points.shape[:-1]
   if taps not in TAPS:

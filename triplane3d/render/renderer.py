@@ -53,6 +53,10 @@ class RenderOptions:
     white_background: composite onto white instead of black.
     chunk: rays per rematerialised chunk (per device, across a batch: `render_batch`); 0
       renders all rays at once (no remat).
+    gpu_chunk: > 0: `chunk` on GPUs (0: `chunk` everywhere). Chosen when the program is
+      lowered (`jax.lax.platform_dependent`), so one config serves TPU pods and GPU clusters
+      and the fit check compiles each platform's program: GPUs pay per loop trip (host-launched
+      kernels), TPUs per byte of memory (docs/performance.md, "The step on a GPU").
     rays_per_image: > 0: render only this many random rays per image (training).
     pdf_search: 'mask' or 'searchsorted' (see pdf.py).
     camera: the fixed camera (sample range, box and rays come from it).
@@ -65,6 +69,7 @@ class RenderOptions:
   plane_space: str = 'box'
   white_background: bool = False
   chunk: int = 8192
+  gpu_chunk: int = 0
   rays_per_image: int = 0
   pdf_search: str = 'mask'
   taps: str = 'auto'
@@ -87,6 +92,10 @@ class RenderOptions:
       raise ValueError(f'render.taps must be one of {TAPS}, got {self.taps!r}.')
     if self.chunk < 0:
       raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
+    if self.gpu_chunk < 0:
+      raise ValueError(
+        f'render.gpu_chunk must be >= 0 (0: render.chunk on GPUs too), got {self.gpu_chunk}.'
+      )
 
   @classmethod
   def from_config(cls, render_cfg: mlc.ConfigDict, camera: Camera) -> RenderOptions:
@@ -103,6 +112,7 @@ class RenderOptions:
       plane_space=str(render_cfg.plane_space),
       white_background=bool(render_cfg.white_background),
       chunk=int(render_cfg.chunk),
+      gpu_chunk=int(render_cfg.get('gpu_chunk', 0)),
       rays_per_image=int(render_cfg.rays_per_image),
       pdf_search=str(render_cfg.pdf_search),
       taps=str(render_cfg.get('taps', 'auto')),
@@ -250,6 +260,16 @@ def _render_pixels(
   )
 
 
+def _by_platform(fn: Callable[..., Any], options: RenderOptions, arrays: dict, **static) -> Any:
+  """`fn(**arrays, options=..., **static)` with `options.gpu_chunk` as the chunk on GPUs and
+  `options.chunk` elsewhere: only the lowering platform's branch is compiled. Both branches
+  render the same values (a ray's draws do not depend on its chunk)."""
+  on = lambda o: lambda a: fn(**a, options=o, **static)  # noqa: E731
+  gpu = on(dataclasses.replace(options, chunk=options.gpu_chunk, gpu_chunk=0))
+  other = on(dataclasses.replace(options, gpu_chunk=0))
+  return jax.lax.platform_dependent(arrays, cuda=gpu, rocm=gpu, default=other)
+
+
 def render_image(
   planes: jax.Array,
   mlp_params: Any,
@@ -277,6 +297,9 @@ def render_image(
   Returns:
     A `RenderOutput` with n = number of rendered rays (see its docstring).
   """
+  if options.gpu_chunk and options.gpu_chunk != options.chunk:
+    arrays = dict(planes=planes, mlp_params=mlp_params, key=key, ray_indices=ray_indices, rays=rays)
+    return _by_platform(render_image, options, arrays, decode_fn=decode_fn)
   planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
   k_rays, k_draws = jax.random.split(key)
   ray_indices = draw_rays(k_rays, options) if ray_indices is None else ray_indices
@@ -327,7 +350,8 @@ def render_batch(
   images stays within the device (a loop over the global batch axis would gather the planes
   onto every device). B must be a multiple of it.
 
-  Memory: the render's working set does not grow with B. With n rays per image, chunk < n
+  Memory: the render's working set does not grow with B. With n rays per image (chunk: the
+  platform's, `RenderOptions.gpu_chunk`), chunk < n
   renders a slice's images one after another (`lax.map`), each in rematerialised chunks
   (`render_image`); chunk >= n renders up to chunk // n whole images per slice and
   rematerialised step. What stays per image is its planes (float32 while rendering), its (n,)
@@ -336,6 +360,11 @@ def render_batch(
 
   Returns a `RenderOutput` whose fields gain a leading batch axis B.
   """
+  if options.gpu_chunk and options.gpu_chunk != options.chunk:
+    arrays = dict(planes_b=planes_b, mlp_params=mlp_params, key=key)
+    return _by_platform(
+      render_batch, options, arrays, decode_fn=decode_fn, batch_shards=batch_shards
+    )
   per_image = jax.random.key_data(key).ndim > 1  # Typed (B,) keys, or raw (B, 2).
   num_images = planes_b.shape[0]
   keys = key if per_image else jax.random.split(key, num_images)
