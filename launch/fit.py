@@ -1,4 +1,4 @@
-"""Ahead-of-time fit check: does a config's train step fit a TPU chip's HBM, and how big a batch?
+"""Ahead-of-time fit check: does a config's train step fit a TPU chip (or a GPU), how big a batch?
 
   python -m triplane3d.launch.fit --config=configs/vitb.py --topology=v5e:2x2 \
       [--batch_per_chip=N | --search] [--quick] [--fsdp=N] [--json=PATH] [--config.x=y ...]
@@ -26,6 +26,18 @@ full compiles, docs/performance.md).
 
 Compile time on a 2-core CPU is dominated by libtpu's code generation (~0.1 s per fusion):
 ~2 min for the demo config, several minutes for ViT-B/14 (docs/performance.md).
+
+GPUs (`--topology=h100:8`, `h200:8`, `a100:8`; `h100:2x8` for 2 hosts of 8): the same step is
+compiled by XLA:GPU for that many GPUs (`jax.experimental.topologies.get_topology_desc` with
+the GPU's device description, `GPUS`), which needs the CUDA compiler plugin but no GPU: `pip
+install -e ".[gpu-aot]"` (jax's CUDA 13 plugin, ptxas and libdevice; no CUDA runtime). The
+memory is held against what JAX's allocator takes of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION,
+default 75 %), and the report adds the kernels one step launches (`benchmark.kernel_launches`),
+what bounds a GPU step of many small kernels. XLA:GPU counts no FLOPs in cuBLAS calls, so the
+FLOPs column is XLA:TPU's only. Compiled without autotuning (there is no GPU to time on) and
+without Triton GEMM fusions (their tiling search fails without one): the GPU's own compile
+picks among cuBLAS and Triton, so memory can differ a little (ViT-B/14 at 64 per H100: 8.69
+GiB compiled here, 9.52 GB peak measured on the GPU with the old render.chunk).
 
 Coexisting with other libtpu users: libtpu takes /tmp/libtpu_lockfile for the whole process
 when it loads, which would make a training job on this machine (or a second fit check) fail.
@@ -71,6 +83,97 @@ CHIPS = {
   'v6e': Chip(32 * GIB, megacore=False),
 }
 
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """A GPU as XLA:GPU's compiler sees it (stream_executor.GpuTargetConfigProto's device info:
+  the facts its fusion and tiling heuristics read) and its memory."""
+
+  name: str
+  memory_bytes: int
+  sms: int
+  compute_capability: tuple[int, int]
+  accelerated: bool  # sm_90a-style architecture-specific features.
+  fpus_per_sm: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+  l2_bytes: int
+  bandwidth: float  # Bytes/s.
+  clock_ghz: float
+
+  def target_config(self) -> str:
+    """The text proto that `get_topology_desc(..., target_config=)` takes."""
+    major, minor = self.compute_capability
+    feature = 'ACCELERATED_FEATURES' if self.accelerated else 'NONE'
+    info = {
+      'threads_per_block_limit': 1024,
+      'threads_per_warp': 32,
+      'shared_memory_per_block': 49152,
+      'shared_memory_per_core': self.shared_memory_per_sm,
+      'threads_per_core_limit': 2048,
+      'core_count': self.sms,
+      'fpus_per_core': self.fpus_per_sm,
+      'block_dim_limit_x': 2**31 - 1,
+      'block_dim_limit_y': 65535,
+      'block_dim_limit_z': 65535,
+      'memory_bandwidth': int(self.bandwidth),
+      'l2_cache_size': self.l2_bytes,
+      'clock_rate_ghz': self.clock_ghz,
+      'device_memory_size': self.memory_bytes,
+      'shared_memory_per_block_optin': self.shared_memory_per_block_optin,
+      'registers_per_core_limit': 65536,
+      'registers_per_block_limit': 65536,
+      'thread_dim_limit_x': 1024,
+      'thread_dim_limit_y': 1024,
+      'thread_dim_limit_z': 64,
+    }
+    lines = [f'  {k}: {v}' for k, v in info.items()]
+    lines.append(
+      f'  cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: {feature} }}'
+    )
+    return (
+      'gpu_device_info {\n' + '\n'.join(lines) + '\n}\nplatform_name: "CUDA"\n'
+      'dnn_version_info { major: 9 minor: 10 patch: 0 }\n'
+      f'device_description_str: "{self.name}"\n'
+    )
+
+
+# SXM parts, as XLA's own GPU specs describe them (xla/backends/gpu/target_config/specs).
+GPUS = {
+  'h100': Gpu('NVIDIA H100 80GB HBM3', 84942979072, 132, (9, 0), True, 128, 233472, 232448,
+              50 * 2**20, 3.35232e12, 1.98),
+  'h200': Gpu('NVIDIA H200 141GB HBM3e', 151397597184, 132, (9, 0), True, 128, 233472,
+              232448, 50 * 2**20, 4.8e12, 1.98),
+  'a100': Gpu('NVIDIA A100-SXM4-80GB', 85100068864, 108, (8, 0), False, 64, 167936, 166912,
+              40 * 2**20, 2.03904e12, 1.41),
+}  # fmt: skip
+
+
+def gpu_of(topology: str) -> Gpu | None:
+  """The `Gpu` of a GPU topology name ('h100:8', 'h200:2x8'), None for a TPU one."""
+  return GPUS.get(topology.split(':')[0])
+
+
+def _gpu_layout(topology: str) -> tuple[int, int]:
+  """(hosts, GPUs per host) of 'h100:8' (one host) or 'h100:2x8'."""
+  shape = topology.split(':', 1)[1] if ':' in topology else ''
+  parts = shape.split('x')
+  if not 1 <= len(parts) <= 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise ValueError(
+      f"--topology={topology!r}: expected GPU:COUNT or GPU:HOSTSxCOUNT, e.g. 'h100:8' (one "
+      "host of 8) or 'h100:2x8' (2 hosts of 8)."
+    )
+  return (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
+def gpu_memory_fraction() -> float:
+  """The share of a GPU's memory JAX's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION,
+  default 0.75); with XLA_PYTHON_CLIENT_PREALLOCATE=false it grows to the whole GPU."""
+  if os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE', '').lower() in ('false', '0'):
+    return 1.0
+  return float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.75'))
+
+
 # libtpu's environment for compile-only use next to other libtpu processes (module docstring).
 _LIBTPU_ENV = {
   'ALLOW_MULTIPLE_LIBTPU_LOAD': '1',
@@ -85,15 +188,35 @@ def chip_of(topology: str) -> Chip:
   if gen not in CHIPS or ':' not in topology:
     raise ValueError(
       f'--topology={topology!r}: expected GENERATION:SHAPE with GENERATION one of '
-      f"{sorted(CHIPS)}, e.g. 'v5e:2x2', 'v4:2x2x1', 'v5p:2x2x1', 'v6e:2x4'."
+      f"{sorted(CHIPS)}, e.g. 'v5e:2x2', 'v4:2x2x1', 'v5p:2x2x1', 'v6e:2x4'; or GPU:COUNT "
+      f"with GPU one of {sorted(GPUS)}, e.g. 'h100:8', 'h100:2x8'."
     )
   return CHIPS[gen]
 
 
 def topology_devices(topology: str) -> list[jax.Device]:
-  """Compile-only devices of a TPU topology, one per chip (needs libtpu, no TPU)."""
+  """Compile-only devices of a TPU topology, one per chip (needs libtpu, no TPU), or of a
+  GPU topology, one per GPU (needs the CUDA plugin, no GPU)."""
   from jax.experimental import topologies
 
+  gpu = gpu_of(topology)
+  if gpu is not None:
+    hosts, per_host = _gpu_layout(topology)
+    try:
+      desc = topologies.get_topology_desc(
+        platform='cuda',
+        topology=f'1x{hosts}x{per_host}',
+        target_config=gpu.target_config(),
+      )
+    except (RuntimeError, NotImplementedError) as e:
+      # Without the plugin jax knows no 'cuda' platform to make a topology for.
+      if 'not implemented for cuda' in str(e) or 'unknown backend' in str(e).lower():
+        raise RuntimeError(
+          f'the fit check for {topology} needs the CUDA compiler plugin (no GPU): '
+          'pip install -e ".[gpu-aot]" (or ".[dev]").'
+        ) from e
+      raise
+    return list(desc.devices)
   chip = chip_of(topology)
   saved = {k: os.environ.get(k) for k in _LIBTPU_ENV}
   os.environ.update(_LIBTPU_ENV)  # Read when libtpu loads (the first call).
@@ -134,6 +257,7 @@ class Fit:
   xla_flops_per_image_loops_once: float = 0.0
   analytic_flops_per_image: float = 0.0
   unknown_trip_loops: int = 0
+  kernel_launches: int = 0  # Per step and device, on GPUs (`benchmark.kernel_launches`).
   compile_s: float = 0.0
   error: str = ''
   quick: bool = False  # An estimate without code generation (`check`).
@@ -180,8 +304,11 @@ def check(
   passes up to that point, but the temporaries it names come out ~10 % below a full
   compile's (docs/performance.md): an estimate, marked `quick` in the report.
   """
+  gpu = gpu_of(topology)
+  if gpu is not None and quick:
+    raise ValueError('--quick stops libtpu at buffer assignment: TPU topologies only.')
   devices = topology_devices(topology)
-  chip = chip_of(topology)
+  capacity = gpu.memory_bytes * gpu_memory_fraction() if gpu else chip_of(topology).hbm_bytes
   config = _config_for(config, len(devices), batch_per_chip, fsdp)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch(config.train.batch_size, mesh, 1)
@@ -194,7 +321,7 @@ def check(
     chips=len(devices),
     batch_per_chip=batch_per_chip,
     fsdp=mesh.shape['fsdp'],
-    hbm_bytes=chip.hbm_bytes,
+    hbm_bytes=int(capacity),
     fits=False,
     total=0,
     analytic_flops_per_image=benchmark.analytic_flops(config)['train'],
@@ -203,7 +330,10 @@ def check(
   start = time.perf_counter()
   try:
     lowered = step.lower(*inputs)
-    compiled = lowered.compile({'xla_tpu_max_hbm_size_mib': 1} if quick else None)
+    options = {'xla_tpu_max_hbm_size_mib': 1} if quick else None
+    if gpu is not None:  # No GPU to autotune on; Triton's GEMM tiling fails without one.
+      options = {'xla_gpu_enable_triton_gemm': False}
+    compiled = lowered.compile(options)
   except jax.errors.JaxRuntimeError as e:
     if 'RESOURCE_EXHAUSTED' not in str(e):
       raise
@@ -211,7 +341,7 @@ def check(
     report.temporaries, _ = _needed_bytes(str(e))
     report.arguments = _shard_bytes(inputs)
     report.total = report.arguments + report.temporaries
-    report.fits = quick and report.total <= chip.hbm_bytes
+    report.fits = quick and report.total <= capacity
     if not quick:
       report.error = str(e).split('\n')[0][:500]
     return report
@@ -221,7 +351,10 @@ def check(
   memory = benchmark.memory_bytes(compiled)
   for k, v in memory.items():
     setattr(report, k, v)
-  report.fits = memory['total'] <= chip.hbm_bytes
+  report.fits = memory['total'] <= capacity
+  if gpu is not None:  # XLA:GPU counts no FLOPs in cuBLAS calls: no FLOPs column.
+    report.kernel_launches = benchmark.kernel_launches(compiled)['total']
+    return report
   xla = benchmark.xla_flops(compiled)
   per_image = len(devices) / config.train.batch_size
   report.xla_flops_per_image = xla['with_trips'] * per_image
@@ -290,18 +423,19 @@ def search(
       b //= 2
     return b if at(b, fast).fits else 0
 
-  first = at(start, True)
+  fast = gpu_of(topology) is None  # GPUs have no quick compile: every compile is full.
+  first = at(start, fast)
   estimate = 0.0
   b = start
   if first.fits:
     room = first.hbm_bytes - (first.total - first.temporaries)
     b = max(start, 2 ** int(math.log2(max(start * room / max(first.temporaries, 1), 1))))
-    if at(b, True).fits and b > start:  # Two points: the line.
-      per_image = (done[b, True].total - first.total) / (b - start)
+    if at(b, fast).fits and b > start:  # Two points: the line.
+      per_image = (done[b, fast].total - first.total) / (b - start)
       fixed = first.total - start * per_image
       estimate = (first.hbm_bytes - fixed) / per_image if per_image > 0 else math.inf
-  b = walk(b, True)
-  if not quick and b:
+  b = walk(b, fast)
+  if fast and not quick and b:
     b = walk(b, False)
   return b, estimate, list(done.values())
 
@@ -321,6 +455,8 @@ def _row(f: Fit) -> str:
       f'code {f.code / 2**20:5.1f} MiB  GFLOP/image XLA {f.xla_flops_per_image / 1e9:.2f}, '
       f'analytic {f.analytic_flops_per_image / 1e9:.2f} ({ratio:.2f}x)  '
     )
+  if f.kernel_launches:
+    row += f'kernels/step {f.kernel_launches}  '
   return row + f'compile {f.compile_s:.0f} s'
 
 
@@ -358,7 +494,9 @@ def _define_flags() -> None:
 
   vitb = run_config.config_file('vitb.py')
   run_config.define_config_flag(vitb, 'Experiment config file.')
-  flags.DEFINE_string('topology', 'v5e:2x2', 'TPU topology, e.g. v5e:2x2, v4:2x2x1, v6e:2x4.')
+  flags.DEFINE_string(
+    'topology', 'v5e:2x2', 'TPU topology (v5e:2x2, v4:2x2x1, v6e:2x4) or GPUs (h100:8, h100:2x8).'
+  )
   flags.DEFINE_integer('batch_per_chip', 8, 'Images per chip (global batch = this × chips).')
   flags.DEFINE_bool('search', False, 'Find the largest power-of-two batch per chip that fits.')
   flags.DEFINE_bool('quick', False, 'Estimate without code generation (check(quick=True)).')

@@ -43,6 +43,7 @@ def test_step_benchmark_writes_its_json(tmp_path):
     'compile_s', 'step_s_median', 'images_per_s', 'images_per_s_per_device',
     'flops_per_image_analytic', 'flops_per_image_xla', 'flops_per_image_xla_loops_once',
     'achieved_flops_per_device', 'peak_flops_per_device', 'mfu', 'memory_peak_bytes',
+    'kernel_launches_per_step',
   ):  # fmt: skip
     assert r[key] > 0, key
   assert r['images_per_s'] == pytest.approx(8 / r['step_s_median'])
@@ -81,6 +82,35 @@ def test_loop_bodies_count_trip_count_times():
   assert out['once'] == pytest.approx(one, rel=0.05)
   assert out['with_trips'] == pytest.approx(10 * one, rel=0.05)
   assert [t for _, t in out['loops']] == [10] and out['unknown_trips'] == 0
+
+
+def _launches(trips, inner=0):
+  """Kernel launches of a fori_loop of `trips` steps (each nesting one of `inner` steps if
+  inner > 0) around two kernels XLA cannot fuse (a matmul, a sort)."""
+  w = jnp.ones((32, 32))
+
+  def body(i, x):
+    return jnp.sort(jnp.tanh(x @ w), axis=0)
+
+  def step(i, x):
+    return jax.lax.fori_loop(0, inner, body, x) if inner else body(i, x)
+
+  f = lambda x: jax.lax.fori_loop(0, trips, step, x) + 1.0  # noqa: E731
+  return benchmark.kernel_launches(jax.jit(f).lower(jnp.ones((8, 32))).compile())
+
+
+def test_kernel_launches_count_loop_bodies_trip_count_times():
+  """Launches grow by the body's kernels per trip, and nested loops multiply."""
+  a, b = _launches(3), _launches(7)
+  per_trip = (b['total'] - a['total']) / 4
+  assert per_trip >= 2 and per_trip == int(per_trip) and b['unknown_trips'] == 0
+  assert b['in_loops'] == 7 * per_trip and b['total'] > b['in_loops']  # The + 1.0 outside.
+  # Three more inner trips add their kernels once per outer trip.
+  once = _launches(1, inner=6)['total'] - _launches(1, inner=3)['total']
+  assert once > 0 and _launches(5, inner=6)['total'] - _launches(5, inner=3)['total'] == 5 * once
+  # From the module text too (what the fit check reads for another platform's program).
+  text = jax.jit(lambda x: x * 2).lower(jnp.ones(3)).compile().as_text()
+  assert benchmark.kernel_launches(text) == {'total': 1, 'in_loops': 0, 'unknown_trips': 0}
 
 
 def test_analytic_flops_by_hand_for_vit_s():

@@ -261,6 +261,66 @@ def xla_flops(compiled: jax.stages.Compiled) -> dict[str, Any]:
   return {'once': reported, 'with_trips': with_trips, 'loops': loops, 'unknown_trips': unknown}
 
 
+# Top-level HLO ops that launch no kernel: bookkeeping of values, buffers and control.
+_NO_KERNEL = frozenset({
+  'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
+  'opt-barrier', 'partition-id', 'replica-id', 'add-dependency',
+})  # fmt: skip
+_OPCODE = re.compile(r'^\s*(?:ROOT )?%?[\w.\-]+ = .*? ([a-z][a-z\-]*)\(')
+
+
+def kernel_launches(compiled: jax.stages.Compiled | str) -> dict[str, int]:
+  """Kernels one step launches per device, read off the optimised HLO (a compiled step, or
+  its module text): each top-level op of an executed computation that is not bookkeeping
+  (`_NO_KERNEL`) is one thunk, about one kernel launch (a fusion is one kernel; a cuBLAS call
+  one or a few); a while loop runs its body trip-count times, and its condition every trip
+  when the count is unknown; a conditional counts its costliest branch.
+
+  The number matters on GPUs: XLA:GPU's runtime launches every thunk from the host, a few µs
+  each, so a step of many loop trips of small kernels is bound by launches, not by FLOPs or
+  bytes (docs/performance.md, "The step on a GPU"). TPUs run loops on the device.
+  Returns {'total': launches, 'in_loops': those inside while loops, 'unknown_trips': loops
+  counted once for want of a trip count}.
+  """
+  if not isinstance(compiled, str):
+    compiled = compiled.as_text()
+  comps, entry = _computations(compiled)
+  unknown = 0
+
+  def count(name: str) -> tuple[int, int]:
+    nonlocal unknown
+    total = looped = 0
+    for line in comps[name][1:]:
+      m = _OPCODE.match(line)
+      op = m.group(1) if m else None
+      if op is None or op in _NO_KERNEL:
+        continue
+      if op == 'while':
+        _, cond, body = _WHILE.search(line).groups()
+        trips = _trip_count(line, comps, name)
+        unknown += trips is None
+        per_trip = count(body)[0]
+        if 'known_trip_count' not in line:
+          per_trip += count(cond)[0]
+        total += (trips or 1) * per_trip
+        looped += (trips or 1) * per_trip
+      elif op in ('call', 'conditional'):
+        branches = re.search(r'branch_computations=\{([^}]*)\}', line)
+        callees = re.findall(r'(?:to_apply|true_computation|false_computation)=%?([\w.\-]+)', line)
+        callees += re.findall(r'%?([\w.\-]+)', branches.group(1)) if branches else []
+        inner = [count(c) for c in callees if c in comps]
+        if op == 'conditional':
+          total += 1  # The branch index is read on the host.
+        t, lp = max(inner, default=(0, 0))
+        total, looped = total + t, looped + lp
+      else:
+        total += 1
+    return total, looped
+
+  total, looped = count(entry)
+  return {'total': total, 'in_loops': looped, 'unknown_trips': unknown}
+
+
 def memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
   """Per-device memory of a compiled step from `memory_analysis()`: arguments, outputs,
   aliases (donated arguments reused as outputs), temporaries, generated code, and their
@@ -369,6 +429,9 @@ def step_benchmark(
     'peak_flops_per_device': peak,
     'peak_source': peak_source,
     'mfu': achieved / peak if peak else None,
+    # Launched kernels (thunks) per step and device: what bounds a GPU step of many small
+    # kernels (`kernel_launches`).
+    'kernel_launches_per_step': kernel_launches(compiled)['total'],
     'memory_peak_bytes': peak_mem or memory['total'],
     'memory_source': 'device memory_stats' if peak_mem else 'compiled.memory_analysis()',
     'memory_analysis': memory,

@@ -2,6 +2,7 @@
 by libtpu on this CPU machine (`python -m triplane3d.launch.fit`), while another process holds
 libtpu's lockfile; and the batch search's walk on a memory model."""
 
+import functools
 import json
 import os
 import subprocess
@@ -37,10 +38,10 @@ time.sleep(3600)
 """
 
 
-def _fit_cli(out, *args):
+def _fit_cli(out, *args, topology='v5e:2x2'):
   cmd = [sys.executable, '-m', 'triplane3d.launch.fit', f'--config={CONFIGS / "demo.py"}']
   proc = subprocess.run(
-    [*cmd, '--topology=v5e:2x2', f'--json={out}', *args],
+    [*cmd, f'--topology={topology}', f'--json={out}', *args],
     capture_output=True, text=True, timeout=1200,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -175,8 +176,63 @@ def test_out_of_memory_message_is_read():
 
 
 def test_unknown_topology_names_the_choices():
-  with pytest.raises(ValueError, match="'v4', 'v5e', 'v5p', 'v6e'"):
+  with pytest.raises(ValueError, match=r"'v4', 'v5e', 'v5p', 'v6e'.*'a100', 'h100', 'h200'"):
     fit.chip_of('v3:2x2')
+  for bad in ('h100', 'h100:0', 'h100:2x', 'h100:1x2x8'):
+    with pytest.raises(ValueError, match="'h100:8'"):
+      fit._gpu_layout(bad)
+  assert fit._gpu_layout('h100:8') == (1, 8) and fit._gpu_layout('h200:2x8') == (2, 8)
+  assert fit.gpu_of('v5e:2x2') is None and fit.gpu_of('h200:8') is fit.GPUS['h200']
+
+
+def test_demo_on_two_h100s_and_what_gpu_chunk_saves(tmp_path):
+  """The demo's step compiled by XLA:GPU for 2 H100s on this CPU (the CUDA plugin of the
+  gpu-aot extra, no GPU): memory against the 75 % of the GPU JAX takes, and the kernels a step
+  launches. With 256-ray chunks, render.gpu_chunk's whole images per step launch ~3.5× fewer
+  kernels than the TPU-shaped chunks (gpu_chunk=0) — compiles of ~35 s each."""
+  cli = functools.partial(_fit_cli, topology='h100:2')
+  (r,) = cli(tmp_path / 'a.json', '--batch_per_chip=4', '--config.render.chunk=256')['compiles']
+  assert (r['topology'], r['chips'], r['batch_per_chip'], r['fsdp']) == ('h100:2', 2, 4, 1)
+  assert r['hbm_bytes'] == int(0.75 * fit.GPUS['h100'].memory_bytes)
+  assert r['fits'] and not r['error'] and r['temporaries'] > 0 and r['arguments'] > 0
+  assert 0 <= r['outputs'] - r['aliases'] < 2**16  # The state is donated on GPUs too.
+  total = r['arguments'] + r['outputs'] - r['aliases'] + r['temporaries'] + r['code']
+  assert r['total'] == total
+  assert r['kernel_launches'] > 0 and r['xla_flops_per_image'] == 0  # No GPU FLOPs column.
+  (tpu_shaped,) = cli(
+    tmp_path / 'b.json', '--batch_per_chip=4', '--config.render.chunk=256',
+    '--config.render.gpu_chunk=0',
+  )['compiles']  # fmt: skip
+  assert tpu_shaped['kernel_launches'] > 2 * r['kernel_launches']
+  assert tpu_shaped['temporaries'] < r['temporaries']  # What the launches cost in memory.
+
+
+def test_gpu_memory_share_and_the_missing_plugin(monkeypatch):
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_MEM_FRACTION', raising=False)
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE', raising=False)
+  assert fit.gpu_memory_fraction() == 0.75
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.9')
+  assert fit.gpu_memory_fraction() == 0.9
+  monkeypatch.setenv('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  assert fit.gpu_memory_fraction() == 1.0
+  with pytest.raises(ValueError, match='TPU topologies only'):
+    fit.check(demo.get_config(), 'h100:1', 4, quick=True)
+  from jax.experimental import topologies
+
+  def no_plugin(*args, **kwargs):  # What jax raises where no CUDA plugin is installed.
+    raise NotImplementedError('topology not implemented for cuda')
+
+  monkeypatch.setattr(topologies, 'get_topology_desc', no_plugin)
+  with pytest.raises(RuntimeError, match=r'pip install -e "\.\[gpu-aot\]"'):
+    fit.topology_devices('h100:8')
+
+
+def test_gpu_target_config_is_what_xla_reads():
+  text = fit.GPUS['h100'].target_config()
+  assert 'core_count: 132' in text and 'device_memory_size: 84942979072' in text
+  assert 'major: 9 minor: 0 feature_extension: ACCELERATED_FEATURES' in text
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+  assert 'feature_extension: NONE' in fit.GPUS['a100'].target_config()
 
 
 def test_loading_libtpu_takes_no_lockfile():
