@@ -6,13 +6,14 @@
 #   OUT=/tmp/gpu STEPS=10 LIMIT=185 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
 #
 # A setting is NAME:--config.x=y;--config.z=w (';'-separated overrides, as commas occur inside
-# tuple values, on top of per-device batch 64). Without arguments, the settings that split the step's time (issue 13; on an H100,
-# the paper step ran at 1.69 s for 64 images, 1.2 % MFU):
-#   b64        the paper step as configs/vitb.py sets it (the reference for the others);
-#   fused4     the plane lookup's 12 taps fused in both passes (render.taps) and 4 whole images
-#              per rematerialised render step (render.chunk): 16 loop trips instead of 64 × 16,
-#              none inside them (docs/performance.md, "The step on a GPU");
-#   rays4096   1/16 of the rays per image (render.rays_per_image): the renderer's share.
+# tuple values, on top of per-device batch 64). Without arguments, the settings that split the
+# step's time (issue 13):
+#   default     the paper step as configs/vitb.py sets it, with the GPU defaults: render.gpu_chunk
+#               (4 whole images per rematerialised render step) and 'auto' taps fused in both
+#               passes — ~4 700 kernels per step, compiled for an H100 from a CPU;
+#   tpu_shaped  the step as GPUs ran it before (render.chunk=4096 on GPUs too, taps in loops):
+#               ~364 000 kernels; 1.69 s per step on an H100 (jax 0.11.2, 2026-11-26);
+#   rays4096    1/16 of the rays per image (render.rays_per_image): the renderer's share.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
 # 13 steps 22 s, the rest start-up, initialisation and the FLOP count. So LIMIT (seconds per
 # setting) must stay above ~170 — and the settings' LIMITs together below the device's 600 s
@@ -41,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=('b64:' 'fused4:--config.render.taps=fused;--config.render.chunk=262144'
+  settings=('default:' 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop'
     'rays4096:--config.render.rays_per_image=4096')
 for setting in "${settings[@]}"; do
   case $setting in
@@ -53,6 +54,6 @@ for setting in "${settings[@]}"; do
   echo "=== $name: ${overrides[*]} ($(date +%T))"
   timeout -k 15 "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
     --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${overrides[@]}" 2>&1 |
-    tee "$OUT/$name.log" | grep -E "^(compile_s|step_s_median|images_per_s |mfu|memory_peak_bytes) |Error|error:"
+    tee "$OUT/$name.log" | grep -E "^(compile_s|step_s_median|images_per_s |mfu|kernel_launches_per_step|memory_peak_bytes) |Error|error:"
   echo "rc ${PIPESTATUS[0]} ($(date +%T))"
 done

@@ -58,6 +58,7 @@ def get_config():
   c.render.num_fine = 12
   c.render.mlp_hidden = 32
   c.render.chunk = 0
+  c.render.gpu_chunk = 0  # All rays at once on GPUs too: the fewest kernel launches.
   c.data.source = 'synthetic'
   c.depth.normalize = 'none'  # Synthetic depth is exact and already in [near, far].
   c.data.num_synthetic = 512

@@ -49,7 +49,7 @@ def test_unknown_override_is_checked_against_the_given_config_file(tmp_path):
   spec = f'--config={REPO}/tests/tiny.py:{tmp_path}'
   assert run_config.unknown_override(['x', spec, '--config.render.chunk=8'], 'none') is None
   error = run_config.unknown_override(['x', spec, '--config.render.chunks=8'], 'none')
-  assert 'Did you mean render.chunk?' in error
+  assert 'Did you mean render.chunk, render.gpu_chunk?' in error
   done = _cli('-m', 'triplane3d.reconstruct', spec, '--config.render.chunks=8',
               f'--workdir={tmp_path}', f'--images={tmp_path}', f'--out={tmp_path}')  # fmt: skip
   assert done.returncode != 0 and 'render.chunks' in done.stderr and 'Traceback' not in done.stderr

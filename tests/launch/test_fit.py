@@ -188,10 +188,12 @@ def test_unknown_topology_names_the_choices():
 def test_demo_on_two_h100s_and_what_gpu_chunk_saves(tmp_path):
   """The demo's step compiled by XLA:GPU for 2 H100s on this CPU (the CUDA plugin of the
   gpu-aot extra, no GPU): memory against the 75 % of the GPU JAX takes, and the kernels a step
-  launches. With 256-ray chunks, render.gpu_chunk's whole images per step launch ~3.5× fewer
-  kernels than the TPU-shaped chunks (gpu_chunk=0) — compiles of ~35 s each."""
+  launches. With 256-ray chunks, the paper configs' render.gpu_chunk (whole images per step)
+  launches ~3.5× fewer kernels than the TPU-shaped chunks (gpu_chunk=0: render.chunk on GPUs
+  too) — compiles of ~35 s each."""
   cli = functools.partial(_fit_cli, topology='h100:2')
-  (r,) = cli(tmp_path / 'a.json', '--batch_per_chip=4', '--config.render.chunk=256')['compiles']
+  chunks = ('--config.render.chunk=256', '--config.render.gpu_chunk=262144')
+  (r,) = cli(tmp_path / 'a.json', '--batch_per_chip=4', *chunks)['compiles']
   assert (r['topology'], r['chips'], r['batch_per_chip'], r['fsdp']) == ('h100:2', 2, 4, 1)
   assert r['hbm_bytes'] == int(0.75 * fit.GPUS['h100'].memory_bytes)
   assert r['fits'] and not r['error'] and r['temporaries'] > 0 and r['arguments'] > 0
@@ -203,6 +205,7 @@ def test_demo_on_two_h100s_and_what_gpu_chunk_saves(tmp_path):
     tmp_path / 'b.json', '--batch_per_chip=4', '--config.render.chunk=256',
     '--config.render.gpu_chunk=0',
   )['compiles']  # fmt: skip
+  assert demo.get_config().render.gpu_chunk == 0  # The demo renders every ray at once anyway.
   assert tpu_shaped['kernel_launches'] > 2 * r['kernel_launches']
   assert tpu_shaped['temporaries'] < r['temporaries']  # What the launches cost in memory.
 
