@@ -3,47 +3,49 @@
 # in a few settings, one JSON report per setting under $OUT (default ./gpu_step_out). Run from
 # the repository root on a machine with a CUDA jax and the project's dependencies importable.
 #
-#   OUT=/tmp/gpu STEPS=10 LIMIT=185 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
+#   OUT=/tmp/gpu STEPS=10 LIMIT=180 PROFILE=1 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
 #
-# A setting is NAME:--config.x=y;--config.z=w (';'-separated overrides, as commas occur inside
-# tuple values, on top of per-device batch 64). Without arguments, the settings that split the
-# step's time (issue 13):
+# A setting is NAME:--config.x=y;--flag=v (';'-separated benchmark flags, as commas occur inside
+# tuple values, on top of per-device batch 64; a later flag wins, so '--steps=3' shortens one
+# setting). Without arguments, the settings that split the step's time (issue 13):
 #   default     the paper step as configs/vitb.py sets it, with the GPU defaults: render.gpu_chunk
 #               (4 whole images per rematerialised render step) and 'auto' taps fused in both
 #               passes — ~4 700 kernels per step, compiled for an H100 from a CPU;
+#   mlp_bf16    the same with the point MLP in bfloat16 (render.mlp_dtype);
 #   tpu_shaped  the step as GPUs ran it before (render.chunk=4096 on GPUs too, taps in loops):
-#               ~364 000 kernels; 1.69 s per step on an H100 (jax 0.11.2, 2026-11-26);
-#   rays4096    1/16 of the rays per image (render.rays_per_image): the renderer's share.
+#               ~364 000 kernels; 1.69 s per step on an H100 (jax 0.11.2, 2026-11-26).
+# PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
+# time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
-# 13 steps 22 s, the rest start-up, initialisation and the FLOP count. So LIMIT (seconds per
-# setting) must stay above ~170 — and the settings' LIMITs together below the device's 600 s
-# per command: three settings at 185 s. A setting that fails
-# or runs out of time is reported (its whole output in $OUT/NAME.log), and the next one runs.
+# 13 steps 22 s, the rest start-up and initialisation. So LIMIT (seconds per setting) must stay
+# above ~170, and the settings' LIMITs together below the device's 600 s per command. A setting
+# that fails or runs out of time is reported (all output goes to $OUT/run.log), and the next one
+# runs. Everything lands in at most 2 + 2 × settings files (the device returns 8).
 set -u
 OUT=${OUT:-gpu_step_out}
 STEPS=${STEPS:-10}
-LIMIT=${LIMIT:-185}
+LIMIT=${LIMIT:-180}
+PROFILE=${PROFILE:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The configs import as triplane3d.configs, as an installed package lays them out.
 [ -e triplane3d/configs ] || ln -sfn ../configs triplane3d/configs
 [ -e triplane3d/launch ] || ln -sfn ../launch triplane3d/launch
 
-python3 - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+python3 - <<'EOF' 2>&1 | tee "$OUT/run.log"
 import os
 import triplane3d  # Sets XLA_FLAGS where this jax needs it (triplane3d/xla_gpu.py).
 import jax, flax, optax
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)
 print('devices', jax.devices(), 'XLA_FLAGS', os.environ.get('XLA_FLAGS'))
 EOF
-python3 -m pip list 2>/dev/null | grep -iE "^(jax|flax|optax)" | tee -a "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv |
-  tee -a "$OUT/env.txt"
+  tee -a "$OUT/run.log"
 
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=('default:' 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop'
-    'rays4096:--config.render.rays_per_image=4096')
+  settings=('default:' 'mlp_bf16:--config.render.mlp_dtype=bfloat16'
+    'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3')
 for setting in "${settings[@]}"; do
   case $setting in
   *:*) ;;
@@ -51,9 +53,16 @@ for setting in "${settings[@]}"; do
   esac
   name=${setting%%:*}
   IFS=';' read -r -a overrides <<<"${setting#*:}"
-  echo "=== $name: ${overrides[*]} ($(date +%T))"
+  profile=()
+  [ "$PROFILE" = 1 ] && profile=(--profile="$OUT/$name.prof")
+  echo "=== $name: ${overrides[*]} ($(date +%T))" | tee -a "$OUT/run.log"
   timeout -k 15 "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
-    --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${overrides[@]}" 2>&1 |
-    tee "$OUT/$name.log" | grep -E "^(compile_s|step_s_median|images_per_s |mfu|kernel_launches_per_step|memory_peak_bytes) |Error|error:"
-  echo "rc ${PIPESTATUS[0]} ($(date +%T))"
+    --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${profile[@]}" \
+    "${overrides[@]}" 2>&1 | tee -a "$OUT/run.log" |
+    grep -E "^(compile_s|step_s_median|images_per_s |mfu|kernel_launches_per_step|memory_peak_bytes) |^profile: |Error|error:"
+  echo "rc ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/run.log"
+  if [ "$PROFILE" = 1 ]; then  # The trace, flat (the device returns files 2 folders down).
+    find "$OUT/$name.prof" -name '*.xplane.pb' -exec mv {} "$OUT/$name.xplane.pb" \; 2>/dev/null
+    rm -rf "$OUT/$name.prof"
+  fi
 done

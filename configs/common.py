@@ -52,7 +52,7 @@ def get_base_config() -> mlc.ConfigDict:
   # 'conv' ignores it): the same numbers, 0.8 GiB less at ViT-B 128/chip on v5e for +2 % FLOPs;
   # off, as it does not raise the largest batch (docs/performance.md, "Optimisations").
   c.decoder.remat = False
-  # Computation dtype of the decoder (the point MLP and the renderer always run in float32).
+  # Computation dtype of the decoder (the point MLP's is render.mlp_dtype; rendering is float32).
   c.decoder.dtype = 'bfloat16'
   # 'camera': the cross-attention starts local, each plane cell attending to the patches it
   # projects to under the fixed camera (models/attention_prior.py). 'none': the paper.
@@ -72,6 +72,10 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.plane_space = 'box'
   c.render.white_background = False
   c.render.mlp_hidden = 64
+  # Computation dtype of the point MLP's two matmuls and its hidden activations (outputs and
+  # marching stay float32). 'bfloat16' halves the bytes of the per-sample activations, which
+  # dominate the renderer's memory traffic on GPUs (docs/performance.md).
+  c.render.mlp_dtype = 'float32'
   # Rays per rematerialised chunk, per device whatever its batch (render.render_batch): 146 MiB
   # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
   # 0 renders all rays of all images at once (2 GiB per image).

@@ -56,9 +56,15 @@ def test_step_benchmark_writes_its_json(tmp_path):
   assert r['config'].endswith('demo.py') and r['overrides']['render.resolution'] == 8
 
 
-def test_peak_flops_flag_overrides_the_measurement(tmp_path):
-  r, _ = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15')
+def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
+  prof = tmp_path / 'prof'
+  r, stdout = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15', f'--profile={prof}')
   assert r['peak_flops_per_device'] == 1e15 and r['peak_source'] == '--peak_flops'
+  # The trace is written; CPU programs leave no device plane, so no kernels are attributed
+  # (tests/test_device_time.py checks the summary on a device plane).
+  t = r['device_time']
+  assert Path(t['trace']).is_file() and str(t['trace']).startswith(str(prof))
+  assert t['kernels_per_step'] == 0 and 'profile: trace' in stdout
 
 
 def test_data_mode_times_the_pipeline_per_worker_count(tmp_path):

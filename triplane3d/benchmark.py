@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from triplane3d import sharding
+from triplane3d import device_time, sharding
 from triplane3d.models import vit
 
 # Peak dense bf16 FLOP/s per device (a megacore v4 / v5p device is one chip), by device_kind
@@ -358,10 +358,18 @@ def synthetic_batch(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str
 
 
 def step_benchmark(
-  config: mlc.ConfigDict, *, steps: int, warmup: int, peak: float | None = None
+  config: mlc.ConfigDict,
+  *,
+  steps: int,
+  warmup: int,
+  peak: float | None = None,
+  profile: str | None = None,
+  profile_steps: int = 2,
 ) -> dict[str, Any]:
   """Compiles and times the real train step on the visible devices (see the module
-  docstring); `peak`: FLOP/s per device (default: `PEAK_FLOPS`, or the CPU matmul rate)."""
+  docstring); `peak`: FLOP/s per device (default: `PEAK_FLOPS`, or the CPU matmul rate).
+  `profile`: a directory to trace `profile_steps` more steps into (`jax.profiler`), summarised
+  under 'device_time' (`triplane3d.device_time`)."""
   from triplane3d import train
   from triplane3d.models.prior3d import unbox
 
@@ -386,6 +394,25 @@ def step_benchmark(
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
+  text = compiled.as_text()
+  traced = None
+  if profile:
+    try:
+      # Device kernels only: no Python calls, no host events, no HLO protos (they made a
+      # trace of 2 tiny CPU steps 20 MB).
+      options = jax.profiler.ProfileOptions()
+      options.python_tracer_level, options.host_tracer_level = 0, 1
+      options.enable_hlo_proto, options.raise_error_on_start_failure = False, True
+      with jax.profiler.trace(profile, profiler_options=options):
+        for _ in range(profile_steps):
+          state, metrics = compiled(state, teacher, batch)
+          jax.block_until_ready((state, metrics))
+      path = device_time.trace_file(profile)
+      data = jax.profiler.ProfileData.from_file(path)
+      traced = device_time.summarize(data, device_time.op_categories(text), profile_steps)
+      traced['trace'] = path
+    except Exception as e:  # The timings above stand; the report says why the trace failed.
+      traced = {'error': f'{type(e).__name__}: {e}'}
 
   devices = mesh.devices.size
   step_s = statistics.median(times)
@@ -431,10 +458,11 @@ def step_benchmark(
     'mfu': achieved / peak if peak else None,
     # Launched kernels (thunks) per step and device: what bounds a GPU step of many small
     # kernels (`kernel_launches`).
-    'kernel_launches_per_step': kernel_launches(compiled)['total'],
+    'kernel_launches_per_step': kernel_launches(text)['total'],
     'memory_peak_bytes': peak_mem or memory['total'],
     'memory_source': 'device memory_stats' if peak_mem else 'compiled.memory_analysis()',
     'memory_analysis': memory,
+    **({'device_time': traced} if traced else {}),
   }
 
 
@@ -495,6 +523,18 @@ def table(result: dict[str, Any]) -> str:
       lines += [f'{"images/s/host, " + w + " workers":<34} {r:.1f}' for w, r in v.items()]
     elif isinstance(v, dict) and k in ('flops_per_image_analytic_parts', 'memory_analysis'):
       lines.append(f'{k:<34} ' + ', '.join(f'{a} {_fmt(float(b))}' for a, b in v.items()))
+    elif isinstance(v, dict) and k == 'device_time':
+      lines += [
+        f'{"profile: " + a:<34} {_fmt(b)}' for a, b in v.items() if not isinstance(b, list | dict)
+      ]
+      parts = v.get('by_part_s_per_step', {}).items()
+      lines.append(
+        f'{"profile: s/step by part":<34} ' + ', '.join(f'{a} {b:.4g}' for a, b in parts)
+      )
+      lines += [
+        f'{"profile: op " + o:<34} {c}, {n:.4g} kernels, {t:.4g} s'
+        for o, c, n, t in v.get('top_ops', [])[:10]
+      ]
     elif not isinstance(v, list | dict):
       lines.append(f'{k:<34} {_fmt(v)}')
   return '\n'.join(lines)
@@ -513,7 +553,14 @@ def main(argv: list[str]) -> None:
   if f.mode == 'data':
     result = data_benchmark(config, workers=[int(w) for w in f.workers], steps=f.steps)
   else:
-    result = step_benchmark(config, steps=f.steps, warmup=f.warmup, peak=f.peak_flops)
+    result = step_benchmark(
+      config,
+      steps=f.steps,
+      warmup=f.warmup,
+      peak=f.peak_flops,
+      profile=f.profile,
+      profile_steps=f.profile_steps,
+    )
   result['config'] = config_flags.get_config_filename(f['config'])
   result['overrides'] = config_flags.get_override_values(f['config'])
   print(table(result))
@@ -536,6 +583,8 @@ def _define_flags() -> None:
   flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s per device for MFU (default: table).')
   flags.DEFINE_list('workers', ['0', '2', '4'], '--mode=data: grain worker counts to time.')
   flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
+  flags.DEFINE_string('profile', None, 'Trace more steps into this directory and summarise them.')
+  flags.DEFINE_integer('profile_steps', 2, '--profile: how many steps to trace.')
 
 
 if __name__ == '__main__':

@@ -231,21 +231,23 @@ def make_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
 
       def loss_fn(params):
         h = model.representation(params['backbone'], images, rng=k_path if use_drop else None)
-        h_t = model.representation(teacher, images) if setup.use_teacher else None
+        h_t = None
+        if setup.use_teacher:  # Named scopes: `device_time` attributes profiles by them.
+          with jax.named_scope('teacher'):
+            h_t = model.representation(teacher, images)
         recon = model.reconstruct(params, h, per_image['ray_key'])
-        return losses.objective(recon, per_image['batch'], h, h_t, config.loss)
+        with jax.named_scope('loss'):
+          return losses.objective(recon, per_image['batch'], h, h_t, config.loss)
 
       (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       return grads, terms
 
     per_image = {'batch': batch, 'ray_key': ray_keys}
     grads, terms = accumulate(grad_fn, state['params'], per_image, accum_steps, setup)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = {
-      'step': step + 1,
-      'params': optax.apply_updates(state['params'], updates),
-      'opt_state': opt_state,
-    }
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      new_params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state}
     # The norm of what the optimiser sees (frozen groups excluded), as clipping does.
     grad_norm = optax.tree.norm(trainable(grads))
     metrics = {**terms, 'grad_norm': grad_norm, 'lr': setup.schedule(step)}

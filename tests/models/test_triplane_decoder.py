@@ -197,6 +197,25 @@ def test_point_mlp_module_equals_pure_function_and_numpy():
   assert PointMLP.from_config(demo.get_config().render).hidden == 32
 
 
+def test_point_mlp_in_bfloat16_computes_in_bfloat16_and_returns_float32():
+  feats = jnp.asarray(np.random.default_rng(3).normal(size=(64, 8)) * 3, jnp.float32)
+  cfg = demo.get_config().render
+  assert PointMLP.from_config(cfg).dtype == jnp.float32  # The default.
+  cfg.mlp_dtype = 'bfloat16'
+  module = PointMLP.from_config(cfg)
+  assert module.dtype == jnp.bfloat16
+  variables = module.init(jax.random.PRNGKey(0), feats[:1])
+  rgb, raw = module.apply(variables, feats)
+  rgb32, raw32 = point_mlp(nn.unbox(variables)['params'], feats)
+  assert rgb.dtype == raw.dtype == jnp.float32
+  # bfloat16 keeps 8 bits of mantissa: close to float32, and not equal (it did compute in bf16).
+  np.testing.assert_allclose(raw, raw32, rtol=0.05, atol=0.05)
+  np.testing.assert_allclose(rgb, rgb32, atol=0.02)
+  assert not np.array_equal(raw, raw32)
+  hlo = jax.jit(module.apply).lower(variables, feats).as_text()
+  assert 'bf16' in hlo and 'dot_general' in hlo
+
+
 def test_remat_keeps_params_outputs_and_gradients():
   """decoder.remat recomputes the upsampling in the backward pass: same parameter tree
   (checkpoints stay compatible), same planes, same gradients; and it is really rematerialised."""

@@ -13,6 +13,7 @@ Shapes: images (B, S, S, 3) ImageNet-normalised; h (B, 1 + N, L·D) with N patch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -152,14 +153,15 @@ class Prior3D:
       return {'rgb': take(rgb, idx), 'depth': take(depth, idx), 'ray_indices': idx}
     planes = self.decoder.apply({'params': params['decoder']}, h)
     planes = self._constrain(planes)
-    out = render.render_batch(
-      planes,
-      params['mlp'],
-      key,
-      decode_fn=point_mlp,
-      options=opts,
-      batch_shards=self._batch_shards(planes.shape[0]),
-    )
+    with jax.named_scope('render'):  # For profiles (triplane3d.device_time).
+      out = render.render_batch(
+        planes,
+        params['mlp'],
+        key,
+        decode_fn=functools.partial(point_mlp, dtype=self.mlp.dtype),
+        options=opts,
+        batch_shards=self._batch_shards(planes.shape[0]),
+      )
     return {
       'rgb': out.rgb,
       'depth': out.depth,

@@ -80,17 +80,19 @@ class _LinearParams(nn.Module):
 class PointMLP(nn.Module):
   """C → hidden → softplus → 1 + 3. Input (n, C); returns `point_mlp`'s (rgb, raw_sigma).
 
-  Its `params` collection is exactly the pytree `point_mlp` takes. It computes in float32,
-  as the renderer that calls it does, whatever `decoder.dtype`: the MLP is a few % of the
-  work, and densities feed exp() in the marcher.
+  Its `params` collection is exactly the pytree `point_mlp` takes. It computes in `dtype`
+  (render.mlp_dtype: float32 by default, as the renderer that calls it, whatever
+  `decoder.dtype`: densities feed exp() in the marcher); its outputs are float32 either way.
   """
 
   hidden: int = 64
+  dtype: Dtype = jnp.float32
 
   @classmethod
   def from_config(cls, render_cfg: mlc.ConfigDict) -> PointMLP:
-    """From the `render` config section (render.mlp_hidden)."""
-    return cls(hidden=int(render_cfg.mlp_hidden))
+    """From the `render` config section (render.mlp_hidden, render.mlp_dtype)."""
+    dtype = jnp.dtype(render_cfg.get('mlp_dtype', 'float32'))
+    return cls(hidden=int(render_cfg.mlp_hidden), dtype=dtype)
 
   @nn.compact
   def __call__(self, feats_nc):
@@ -98,7 +100,7 @@ class PointMLP(nn.Module):
       'hidden': _LinearParams(self.hidden, ('channels', 'mlp'), name='hidden')(feats_nc.shape[-1]),
       'out': _LinearParams(4, ('mlp', None), name='out')(self.hidden),
     }
-    return point_mlp(params, feats_nc)
+    return point_mlp(params, feats_nc, self.dtype)
 
 
 class CrossAttentionBlock(nn.Module):

@@ -1,0 +1,98 @@
+"""`device_time`: a profile's kernels summed per step and attributed to model parts through the
+compiled program's name stacks."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from triplane3d import device_time
+
+# Two steps on one GPU: two streams whose kernels overlap for 1 µs, a derived 'XLA Ops' line
+# that repeats a kernel (ignored), and a host plane (ignored). Times in ps from the line start.
+GPU_PLANE = """
+planes {
+  name: "/device:GPU:0"
+  lines { name: "Stream #13(Compute)" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 stats { metadata_id: 9 str_value: "fusion.1" } }
+    events { metadata_id: 2 offset_ps: 5000000 duration_ps: 2000000 stats { metadata_id: 9 str_value: "dot.2" } }
+    events { metadata_id: 1 offset_ps: 10000000 duration_ps: 4000000 stats { metadata_id: 9 str_value: "fusion.1" } }
+  }
+  lines { name: "Stream #14(Compute)" timestamp_ns: 1000
+    events { metadata_id: 3 offset_ps: 3000000 duration_ps: 1000000 stats { metadata_id: 9 str_value: "custom.3" } }
+    events { metadata_id: 3 offset_ps: 15000000 duration_ps: 1000000 }
+  }
+  lines { name: "XLA Ops" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 4000000 }
+  }
+  event_metadata { key: 1 value { id: 1 name: "loop_fusion_1" } }
+  event_metadata { key: 2 value { id: 2 name: "sm90_gemm" } }
+  event_metadata { key: 3 value { id: 3 name: "memset_kernel" } }
+  stat_metadata { key: 9 value { id: 9 name: "hlo_op" } }
+}
+"""
+HOST_PLANE = """
+planes {
+  name: "/host:CPU"
+  lines { name: "python" timestamp_ns: 0 events { metadata_id: 1 offset_ps: 0 duration_ps: 99000000 } }
+  event_metadata { key: 1 value { id: 1 name: "train_step" } }
+}
+"""
+
+
+def test_summary_per_step_by_part_and_op():
+  data = jax.profiler.ProfileData.from_text_proto(GPU_PLANE + HOST_PLANE)
+  parts = {'fusion.1': 'renderer', 'dot.2': 'backbone bwd'}
+  s = device_time.summarize(data, parts, steps=2)
+  assert s['kernels_per_step'] == 2.5
+  # Busy: [0, 4] ∪ [3, 4] ∪ [5, 7] ∪ [10, 14] ∪ [15, 16] µs = 4 + 2 + 4 + 1 = 11 µs; span 16 µs.
+  assert s['device_busy_s_per_step'] == pytest.approx(5.5e-6)
+  assert s['device_span_s_per_step'] == pytest.approx(8e-6)
+  assert s['device_busy_share'] == pytest.approx(11 / 16)
+  assert s['by_part_s_per_step'] == pytest.approx(
+    {'renderer': 4e-6, 'backbone bwd': 1e-6, 'unattributed': 1e-6}
+  )
+  # Without an hlo_op stat a kernel is named by itself.
+  assert s['top_ops'][0] == ['fusion.1', 'renderer', 1.0, pytest.approx(4e-6)]
+  assert [o[0] for o in s['top_ops']] == ['fusion.1', 'dot.2', 'custom.3', 'memset_kernel']
+
+
+def test_no_device_plane_gives_an_empty_summary():
+  data = jax.profiler.ProfileData.from_text_proto(HOST_PLANE)
+  s = device_time.summarize(data, {}, steps=1)
+  assert s['kernels_per_step'] == 0 and s['device_busy_share'] is None and s['top_ops'] == []
+
+
+def test_op_categories_follow_the_name_scopes_forward_and_backward():
+  def loss(w, x):
+    with jax.named_scope('render'):
+      y = jnp.sin(x @ w)
+    with jax.named_scope('loss'):
+      return jnp.sum(y * y)
+
+  text = jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
+  parts = device_time.op_categories(text)
+  assert {'renderer', 'renderer bwd'} <= set(parts.values())
+  assert all(p.split()[0] in {'renderer', 'loss', 'other'} for p in parts.values())
+
+
+@pytest.mark.parametrize(
+  ('op_name', 'part'),
+  [
+    ('jit(train_step)/jvp(DinoViT.get_intermediate_layers)/blocks_0/attn', 'backbone'),
+    ('jit(train_step)/transpose(jvp(TriplaneDecoder))/up0/conv', 'decoder bwd'),
+    ('jit(train_step)/transpose(jvp(render))/TriplaneDecoder/vmap()/mul', 'renderer bwd'),
+    ('jit(train_step)/teacher/DinoViT.get_intermediate_layers/norm', 'teacher'),
+    ('jit(train_step)/optimizer/mul', 'optimizer'),
+    ('jit(train_step)/rendering/add', 'other'),
+  ],
+)
+def test_category(op_name, part):
+  assert device_time.category(op_name) == part
+
+
+def test_kernel_without_hlo_op_is_matched_by_its_fusion_name():
+  proto = GPU_PLANE.replace('name: "memset_kernel"', 'name: "loop_add_fusion_7"')
+  data = jax.profiler.ProfileData.from_text_proto(proto)
+  s = device_time.summarize(data, {'loop_add_fusion.7': 'optimizer'}, steps=1)
+  assert s['by_part_s_per_step']['optimizer'] == pytest.approx(1e-6)  # The one without hlo_op.
+  assert s['kernel_stats'] == ['hlo_op']

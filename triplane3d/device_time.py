@@ -1,0 +1,125 @@
+"""Where a step's device time goes: a `jax.profiler` trace summarised by model part.
+
+`python -m triplane3d.benchmark --profile=DIR` traces a few train steps after timing them and
+reports, per step: the kernels the device ran, the time they kept it busy (the union of their
+intervals over all streams) against the span from the first to the last (a busy share well
+below 1 means the host, not the device, sets the pace: launches, transfers), the busy time per
+model part, and the most expensive ops.
+
+A kernel is attributed through its `hlo_op` stat (the HLO instruction the runtime launched)
+and that instruction's `op_name` metadata in the compiled module, which holds JAX's name stack:
+the renderer runs under `jax.named_scope('render')`, the teacher under 'teacher', the objective
+under 'loss', the optimiser under 'optimizer'; the student's ViT and the decoder are named by
+their Flax modules. Ops of the backward pass carry `transpose(` in their name stack.
+
+Only device planes ('/device:GPU:0', '/device:TPU:0', ...) are read: on CPU the XLA ops leave
+no per-op events, and the summary says so (`kernels_per_step` 0).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
+from typing import Any
+
+import jax
+
+# (part, pattern in the op's name stack); the first match wins, so 'render' (the renderer,
+# called from inside the decoder's module path) is tested before the decoder.
+CATEGORIES = (
+  ('renderer', re.compile(r'\brender\b')),
+  ('teacher', re.compile(r'\bteacher\b')),
+  ('loss', re.compile(r'\bloss\b')),
+  ('optimizer', re.compile(r'\boptimizer\b')),
+  ('decoder', re.compile(r'Decoder')),
+  ('backbone', re.compile(r'DinoViT')),
+)
+# `%name = type op(...), ..., metadata={op_name="..." ...}` in `Compiled.as_text()`.
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bop_name="([^"]*)"')
+# Derived timelines some profilers add to a device plane; they repeat the kernels' time.
+_DERIVED = ('XLA Modules', 'XLA Ops', 'Steps', 'XLA TraceMe', 'Framework', 'Source code')
+
+
+def category(op_name: str) -> str:
+  """The model part of a name stack, with ' bwd' for the backward pass ('other' if none)."""
+  part = next((p for p, pattern in CATEGORIES if pattern.search(op_name)), 'other')
+  return part + (' bwd' if 'transpose(' in op_name else '')
+
+
+def op_categories(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name → `category` of its op_name, for every instruction that has one."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      out[m.group(1)] = category(m.group(2))
+  return out
+
+
+def _union_ns(intervals: list[tuple[float, float]]) -> float:
+  total, end = 0.0, float('-inf')
+  for a, b in sorted(intervals):
+    if b > end:
+      total += b - max(a, end)
+      end = b
+  return total
+
+
+def summarize(
+  data: jax.profiler.ProfileData, categories: dict[str, str], steps: int, top: int = 20
+) -> dict[str, Any]:
+  """Per-step device time of a trace of `steps` steps (module docstring).
+
+  Args:
+    data: the trace (`jax.profiler.ProfileData`).
+    categories: `op_categories` of the traced program.
+    steps: how many steps the trace holds (the totals are divided by it).
+    top: how many ops to list, most time first.
+
+  Returns:
+    {'kernels_per_step', 'device_busy_s_per_step', 'device_span_s_per_step',
+     'device_busy_share', 'by_part_s_per_step' {part: s}, 'top_ops' [[op, part, kernels per
+     step, s per step], ...], 'kernel_stats' [the stat names the kernels carried]}.
+  """
+  ops = collections.defaultdict(lambda: [0, 0.0])  # op → [kernels, ns]
+  intervals, stat_names = [], set()
+  for plane in data.planes:
+    if not plane.name.startswith('/device:'):
+      continue
+    lines = [ln for ln in plane.lines if not ln.name.startswith(_DERIVED)]
+    for line in lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        stat_names.update(stats)
+        op = str(stats.get('hlo_op') or event.name)
+        ops[op][0] += 1
+        ops[op][1] += event.duration_ns
+        intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+  # A kernel without an hlo_op stat is named after its fusion, '.' and '-' spelt '_'.
+  spelt = {re.sub(r'[.\-]', '_', op): part for op, part in categories.items()}
+  part_of = lambda op: categories.get(op) or spelt.get(op, 'unattributed')  # noqa: E731
+  by_part = collections.Counter()
+  for op, (_, ns) in ops.items():
+    by_part[part_of(op)] += ns
+  span = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0
+  busy = _union_ns(intervals)
+  ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
+  return {
+    'kernels_per_step': sum(n for n, _ in ops.values()) / steps,
+    'device_busy_s_per_step': busy * 1e-9 / steps,
+    'device_span_s_per_step': span * 1e-9 / steps,
+    'device_busy_share': busy / span if span else None,
+    'by_part_s_per_step': {p: ns * 1e-9 / steps for p, ns in by_part.most_common()},
+    'top_ops': [[op, part_of(op), n / steps, ns * 1e-9 / steps] for op, (n, ns) in ranked],
+    'kernel_stats': sorted(stat_names),  # What the profiler recorded per kernel.
+  }
+
+
+def trace_file(logdir: str) -> str:
+  """The newest `.xplane.pb` that `jax.profiler.trace(logdir)` wrote."""
+  found = glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
+  if not found:
+    raise FileNotFoundError(f'no .xplane.pb under {logdir}/plugins/profile: did the trace run?')
+  return max(found, key=os.path.getmtime)
