@@ -54,6 +54,7 @@ def test_summary_per_step_by_part_and_op():
   # Without an hlo_op stat a kernel is named by itself.
   assert s['top_ops'][0] == ['fusion.1', 'renderer', 1.0, pytest.approx(4e-6)]
   assert [o[0] for o in s['top_ops']] == ['fusion.1', 'dot.2', 'custom.3', 'memset_kernel']
+  assert s['ops']['dot.2'] == ['backbone bwd', 0.5, pytest.approx(1e-6)]
 
 
 def test_no_device_plane_gives_an_empty_summary():
@@ -96,3 +97,12 @@ def test_kernel_without_hlo_op_is_matched_by_its_fusion_name():
   s = device_time.summarize(data, {'loop_add_fusion.7': 'optimizer'}, steps=1)
   assert s['by_part_s_per_step']['optimizer'] == pytest.approx(1e-6)  # The one without hlo_op.
   assert s['kernel_stats'] == ['hlo_op']
+
+
+def test_kernels_of_a_command_buffer_are_named_by_their_fusion():
+  proto = GPU_PLANE.replace('str_value: "dot.2"', 'str_value: "command_buffer_5"')
+  proto = proto.replace('name: "sm90_gemm"', 'name: "gemm_fusion_dot_2"')
+  data = jax.profiler.ProfileData.from_text_proto(proto)
+  s = device_time.summarize(data, {'fusion.1': 'renderer', 'gemm_fusion_dot.2': 'loss'}, steps=1)
+  assert s['by_part_s_per_step']['loss'] == pytest.approx(2e-6)
+  assert ['gemm_fusion_dot_2', 'loss', 1.0, pytest.approx(2e-6)] in s['top_ops']

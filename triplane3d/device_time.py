@@ -81,7 +81,8 @@ def summarize(
   Returns:
     {'kernels_per_step', 'device_busy_s_per_step', 'device_span_s_per_step',
      'device_busy_share', 'by_part_s_per_step' {part: s}, 'top_ops' [[op, part, kernels per
-     step, s per step], ...], 'kernel_stats' [the stat names the kernels carried]}.
+     step, s per step], ...], 'ops' {op: [part, kernels, s] per step, every op},
+     'kernel_stats' [the stat names the kernels carried]}.
   """
   ops = collections.defaultdict(lambda: [0, 0.0])  # op → [kernels, ns]
   intervals, stat_names = [], set()
@@ -94,10 +95,15 @@ def summarize(
         stats = dict(event.stats)
         stat_names.update(stats)
         op = str(stats.get('hlo_op') or event.name)
+        if op.startswith('command_buffer'):  # A CUDA graph of many ops: name the kernel.
+          op = event.name
         ops[op][0] += 1
         ops[op][1] += event.duration_ns
         intervals.append((event.start_ns, event.start_ns + event.duration_ns))
-  # A kernel without an hlo_op stat is named after its fusion, '.' and '-' spelt '_'.
+  # A kernel without an hlo_op stat, or launched from a command buffer (XLA:GPU replays most
+  # of a step as CUDA graphs), is named after its fusion, '.' and '-' spelt '_'
+  # (%loop_add_fusion.13 → loop_add_fusion_13). Library kernels (cuBLAS 'nvjet_*', cuDNN)
+  # inside a command buffer name no HLO op: 'unattributed'.
   spelt = {re.sub(r'[.\-]', '_', op): part for op, part in categories.items()}
   part_of = lambda op: categories.get(op) or spelt.get(op, 'unattributed')  # noqa: E731
   by_part = collections.Counter()
@@ -113,6 +119,7 @@ def summarize(
     'device_busy_share': busy / span if span else None,
     'by_part_s_per_step': {p: ns * 1e-9 / steps for p, ns in by_part.most_common()},
     'top_ops': [[op, part_of(op), n / steps, ns * 1e-9 / steps] for op, (n, ns) in ranked],
+    'ops': {op: [part_of(op), n / steps, ns * 1e-9 / steps] for op, (n, ns) in ops.items()},
     'kernel_stats': sorted(stat_names),  # What the profiler recorded per kernel.
   }
 
