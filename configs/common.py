@@ -73,8 +73,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.white_background = False
   c.render.mlp_hidden = 64
   # Computation dtype of the point MLP's two matmuls and its hidden activations (outputs and
-  # marching stay float32). 'bfloat16' halves the bytes of the per-sample activations, which
-  # dominate the renderer's memory traffic on GPUs (docs/performance.md).
+  # marching stay float32). 'bfloat16' halves the bytes of the per-sample activations: the
+  # ViT-B/14 step on an H100 0.59 → 0.49 s (docs/performance.md); on CPUs it is slower.
   c.render.mlp_dtype = 'float32'
   # Rays per rematerialised chunk, per device whatever its batch (render.render_batch): 146 MiB
   # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
@@ -82,8 +82,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.chunk = 4096
   # The chunk on GPUs: 4 whole 256² images per rematerialised step. A GPU launches every loop
   # trip's kernels from the host (~5 µs each): at 4096 the ViT-B/14 step at 64 per GPU launched
-  # ~364 000 kernels (1.69 s on an H100), at 262144 ~4 700, for 14 GiB of its 80 (compiled for
-  # an H100 from a CPU: docs/performance.md, "The step on a GPU"). 0: render.chunk on GPUs too.
+  # ~368 000 kernels (1.56 s on an H100), at 262144 ~4 600 (0.59 s, 15.7 GB of its 80;
+  # docs/performance.md, "The step on a GPU"). 0: render.chunk on GPUs too.
   c.render.gpu_chunk = 262144
   c.render.rays_per_image = 0  # > 0: train on a random subset of rays per image.
   c.render.pdf_search = 'mask'  # 'mask' (TPU-friendly) or 'searchsorted'.
