@@ -11,9 +11,12 @@
 #   default     the paper step as configs/vitb.py sets it, with the GPU defaults: render.gpu_chunk
 #               (4 whole images per rematerialised render step) and 'auto' taps fused in both
 #               passes — ~4 700 kernels per step, compiled for an H100 from a CPU;
-#   mlp_bf16    the same with the point MLP in bfloat16 (render.mlp_dtype);
-#   tpu_shaped  the step as GPUs ran it before (render.chunk=4096 on GPUs too, taps in loops):
-#               ~364 000 kernels; 1.69 s per step on an H100 (jax 0.11.2, 2026-11-26).
+#   mlp_bf16    the same with the point MLP in bfloat16 (render.mlp_dtype): 0.488 s against
+#               the default's 0.592 s on an H100 (jax 0.11.2, 2026-11-27);
+#   lax_sort    the default with coarse and fine samples merged by jax.lax.sort, as before
+#               render.sort='rank' (the sort was 27 ms of the 0.592 s).
+# Also useful: 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
+# the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
 # PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
 # time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
@@ -45,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
   settings=('default:' 'mlp_bf16:--config.render.mlp_dtype=bfloat16'
-    'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3')
+    'lax_sort:--config.render.sort=sort')
 for setting in "${settings[@]}"; do
   case $setting in
   *:*) ;;

@@ -6,7 +6,12 @@ import numpy as np
 import torch
 
 from triplane3d.render.pdf import sample_pdf
-from triplane3d.render.sampling import importance_bins, smooth_weights, stratified_depths
+from triplane3d.render.sampling import (
+  importance_bins,
+  smooth_weights,
+  sort_by_depth,
+  stratified_depths,
+)
 
 
 def test_stratified_depths():
@@ -60,3 +65,37 @@ def test_importance_bins_reproduce_eg3d_sampling():
       want = mids[lo] + (u[r, n] - cdf[lo]) / denom * (mids[hi] - mids[lo])
       np.testing.assert_allclose(got[r, n], want, rtol=1e-5)
       assert want <= mids[-2]  # The quirk: never in the last coarse interval.
+
+
+def test_sort_by_depth_is_a_stable_sort_with_its_gradient():
+  rng = np.random.default_rng(5)
+  # Sorted coarse + unsorted fine samples (2, 3 rays), with ties inside and across the groups.
+  coarse = np.sort(rng.integers(0, 12, (2, 3, 8)), axis=-1).astype(np.float64)
+  fine = rng.integers(0, 12, (2, 3, 6)).astype(np.float64)
+  depths = np.concatenate([coarse, fine], axis=-1)
+  assert any(len(set(r)) < len(r) for r in depths.reshape(-1, 14))  # There are ties.
+  payloads = tuple(rng.normal(size=depths.shape) for _ in range(3))
+  order = np.argsort(depths, axis=-1, kind='stable')
+  with jax.enable_x64(True):
+    got_d, got_p = jax.jit(sort_by_depth)(jnp.asarray(depths), tuple(map(jnp.asarray, payloads)))
+    np.testing.assert_array_equal(got_d, np.take_along_axis(depths, order, -1))
+    for g, p in zip(got_p, payloads):
+      np.testing.assert_array_equal(g, np.take_along_axis(p, order, -1))
+    # The gradient routes each slot's cotangent back to its sample (a permutation's inverse),
+    # as jax.lax.sort's does (depths without ties here: lax.sort is not stable).
+    depths = depths + rng.uniform(0, 1e-3, depths.shape)
+    w = jnp.asarray(rng.normal(size=depths.shape))
+
+    def loss(sort, depths, payloads):
+      d, ps = sort(depths, payloads)
+      return jnp.sum(w * d * d) + sum(jnp.sum(w * (i + 1) * p) for i, p in enumerate(ps))
+
+    def lax_sort(d, ps):
+      out = jax.lax.sort((d, *ps), dimension=-1, num_keys=1)
+      return out[0], out[1:]
+
+    args = (jnp.asarray(depths), tuple(map(jnp.asarray, payloads)))
+    got = jax.grad(lambda *a: loss(sort_by_depth, *a), argnums=(0, 1))(*args)
+    want = jax.grad(lambda *a: loss(lax_sort, *a), argnums=(0, 1))(*args)
+  for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(g, w_)

@@ -34,7 +34,7 @@ from triplane3d.render.camera import Camera, ray_table
 from triplane3d.render.marching import activate_density, raymarch
 from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import TAPS, sample_planes_mean
-from triplane3d.render.sampling import importance_bins, stratified_depths
+from triplane3d.render.sampling import importance_bins, sort_by_depth, stratified_depths
 
 DecodeFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
@@ -59,6 +59,9 @@ class RenderOptions:
       kernels), TPUs per byte of memory (docs/performance.md, "The step on a GPU").
     rays_per_image: > 0: render only this many random rays per image (training).
     pdf_search: 'mask' or 'searchsorted' (see pdf.py).
+    taps: how the plane lookup sums its 12 taps (planes.py).
+    sort: how coarse and fine samples are merged by depth: 'rank' (`sampling.sort_by_depth`,
+      comparisons only) or 'sort' (`jax.lax.sort`); the same numbers.
     camera: the fixed camera (sample range, box and rays come from it).
   """
 
@@ -73,6 +76,7 @@ class RenderOptions:
   rays_per_image: int = 0
   pdf_search: str = 'mask'
   taps: str = 'auto'
+  sort: str = 'rank'
   camera: Camera = dataclasses.field(default_factory=Camera)
 
   def __post_init__(self):
@@ -90,6 +94,8 @@ class RenderOptions:
       raise ValueError(f"render.plane_space must be 'box' or 'frustum', got {self.plane_space!r}.")
     if self.taps not in TAPS:
       raise ValueError(f'render.taps must be one of {TAPS}, got {self.taps!r}.')
+    if self.sort not in ('rank', 'sort'):
+      raise ValueError(f"render.sort must be 'rank' or 'sort', got {self.sort!r}.")
     if self.chunk < 0:
       raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
     if self.gpu_chunk < 0:
@@ -116,6 +122,7 @@ class RenderOptions:
       rays_per_image=int(render_cfg.rays_per_image),
       pdf_search=str(render_cfg.pdf_search),
       taps=str(render_cfg.get('taps', 'auto')),
+      sort=str(render_cfg.get('sort', 'rank')),
       camera=camera,
     )
 
@@ -205,15 +212,17 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
     fine = jax.lax.stop_gradient(sample_pdf(bins, bin_w, u_nk, options.pdf_search))
     rgb_f, raw_f = query(fine, decode_fn, options)
     # Coarse evaluations are reused: merge, then co-sort every payload by depth at once.
-    depths, raw, r, g, b = jax.lax.sort(
-      (
-        jnp.concatenate([depths, fine], axis=1),
-        jnp.concatenate([raw, raw_f], axis=1),
-        *(jnp.concatenate([rgb[..., i], rgb_f[..., i]], axis=1) for i in range(3)),
-      ),
-      dimension=1,
-      num_keys=1,
-    )
+    cat = lambda x, y: jnp.concatenate([x, y], axis=1)  # noqa: E731
+    if options.sort == 'rank':
+      depths, (raw, r, g, b) = sort_by_depth(
+        cat(depths, fine), (cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3)))
+      )
+    else:
+      depths, raw, r, g, b = jax.lax.sort(
+        (cat(depths, fine), cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3))),
+        dimension=1,
+        num_keys=1,
+      )
     rgb = jnp.stack([r, g, b], axis=-1)
   color, depth, weights = raymarch(rgb, raw[..., None], depths[..., None], options.white_background)
   depth = clip_to_scene(depth, cam.near, cam.far)
