@@ -1,14 +1,15 @@
 """Benchmark: the real train step's speed, FLOPs and memory, or the input pipeline's rate.
 
   python -m triplane3d.benchmark --config=configs/demo.py [--config.x=y] [--steps=20]
-      [--warmup=2] [--peak_flops=F] [--json=PATH]
+      [--warmup=2] [--peak_flops=F] [--json=PATH] [--profile=DIR [--profile_steps=2]]
   python -m triplane3d.benchmark --mode=data --config=configs/demo.py --workers=0,2,4
 
 `--mode=step` (default) jits `train.jit_train_step` on every visible device (a data × fsdp
 mesh from `config.mesh`) with synthetic in-memory batches (no dataset is read) and reports:
 compile time, the median step time over `--steps` steps after `--warmup`
 (`block_until_ready`), images/s per device and in total, FLOPs per image (analytic and
-XLA's), MFU, and peak memory. `--mode=data` times `data.pipeline` alone: images/s per host for
+XLA's), MFU, and peak memory; `--profile=DIR` then traces `--profile_steps` more steps and
+adds their device time by model part and by kernel (`device_time`). `--mode=data` times `data.pipeline` alone: images/s per host for
 each `--workers` count.
 
 Analytic FLOPs per image (`analytic_flops`; multiply-adds count 2; norms, softmax and other
