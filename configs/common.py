@@ -74,7 +74,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.mlp_hidden = 64
   # Computation dtype of the point MLP's two matmuls and its hidden activations (outputs and
   # marching stay float32). 'bfloat16' halves the bytes of the per-sample activations: the
-  # ViT-B/14 step on an H100 0.59 → 0.49 s (docs/performance.md); on CPUs it is slower.
+  # ViT-B/14 step on an H100 0.59 → 0.49 s (docs/performance.md); the CPU demo step is unchanged.
   c.render.mlp_dtype = 'float32'
   # Rays per rematerialised chunk, per device whatever its batch (render.render_batch): 146 MiB
   # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
