@@ -66,13 +66,13 @@ def test_no_device_plane_gives_an_empty_summary():
 def test_op_categories_follow_the_name_scopes_forward_and_backward():
   def loss(w, x):
     with jax.named_scope('render'):
-      y = jnp.sin(x @ w)
+      y = jax.checkpoint(lambda w, x: jnp.sin(jnp.sin(x @ w) @ w))(w, x)
     with jax.named_scope('loss'):
       return jnp.sum(y * y)
 
   text = jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
   parts = device_time.op_categories(text)
-  assert {'renderer', 'renderer bwd'} <= set(parts.values())
+  assert {'renderer', 'renderer bwd', 'renderer recompute'} <= set(parts.values())
   assert all(p.split()[0] in {'renderer', 'loss', 'other'} for p in parts.values())
 
 
@@ -85,6 +85,10 @@ def test_op_categories_follow_the_name_scopes_forward_and_backward():
     ('jit(train_step)/teacher/DinoViT.get_intermediate_layers/norm', 'teacher'),
     ('jit(train_step)/optimizer/mul', 'optimizer'),
     ('jit(train_step)/rendering/add', 'other'),
+    (
+      'jit(f)/transpose(jvp(render))/jvp(render)/checkpoint/rematted_computation/dot',
+      'renderer recompute',
+    ),
   ],
 )
 def test_category(op_name, part):
@@ -106,3 +110,23 @@ def test_kernels_of_a_command_buffer_are_named_by_their_fusion():
   s = device_time.summarize(data, {'fusion.1': 'renderer', 'gemm_fusion_dot.2': 'loss'}, steps=1)
   assert s['by_part_s_per_step']['loss'] == pytest.approx(2e-6)
   assert ['gemm_fusion_dot_2', 'loss', 1.0, pytest.approx(2e-6)] in s['top_ops']
+
+
+def test_a_tpu_plane_is_read_from_its_xla_ops_line():
+  # A TPU device plane: ops on 'XLA Ops', their module on 'XLA Modules' (not counted twice).
+  proto = """
+  planes {
+    name: "/device:TPU:0"
+    lines { name: "XLA Modules" timestamp_ns: 0
+      events { metadata_id: 2 offset_ps: 0 duration_ps: 9000000 } }
+    lines { name: "XLA Ops" timestamp_ns: 0
+      events { metadata_id: 1 offset_ps: 0 duration_ps: 3000000 }
+      events { metadata_id: 1 offset_ps: 4000000 duration_ps: 3000000 } }
+    event_metadata { key: 1 value { id: 1 name: "fusion.1" } }
+    event_metadata { key: 2 value { id: 2 name: "jit_train_step" } }
+  }
+  """
+  data = jax.profiler.ProfileData.from_text_proto(proto)
+  s = device_time.summarize(data, {'fusion.1': 'decoder'}, steps=1)
+  assert s['kernels_per_step'] == 2 and s['by_part_s_per_step'] == {'decoder': pytest.approx(6e-6)}
+  assert s['device_busy_share'] == pytest.approx(6 / 7)

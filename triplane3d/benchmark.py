@@ -399,6 +399,7 @@ def step_benchmark(
   traced = None
   if profile:
     try:
+      began = time.time()
       # Device kernels only: no Python calls, no host events, no HLO protos (they made a
       # trace of 2 tiny CPU steps 20 MB).
       options = jax.profiler.ProfileOptions()
@@ -408,7 +409,7 @@ def step_benchmark(
         for _ in range(profile_steps):
           state, metrics = compiled(state, teacher, batch)
           jax.block_until_ready((state, metrics))
-      path = device_time.trace_file(profile)
+      path = device_time.trace_file(profile, since=began - 1)
       data = jax.profiler.ProfileData.from_file(path)
       traced = device_time.summarize(data, device_time.op_categories(text), profile_steps)
       traced['trace'] = path

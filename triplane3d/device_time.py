@@ -10,10 +10,14 @@ A kernel is attributed through its `hlo_op` stat (the HLO instruction the runtim
 and that instruction's `op_name` metadata in the compiled module, which holds JAX's name stack:
 the renderer runs under `jax.named_scope('render')`, the teacher under 'teacher', the objective
 under 'loss', the optimiser under 'optimizer'; the student's ViT and the decoder are named by
-their Flax modules. Ops of the backward pass carry `transpose(` in their name stack.
+their Flax modules. Ops of the backward pass carry `transpose(` in their name stack; the
+forward that a rematerialised (`jax.checkpoint`) region recomputes in the backward pass also
+carries `rematted_computation`, and is labelled 'recompute'.
 
-Only device planes ('/device:GPU:0', '/device:TPU:0', ...) are read: on CPU the XLA ops leave
-no per-op events, and the summary says so (`kernels_per_step` 0).
+Only device planes ('/device:GPU:0', '/device:TPU:0', ...) are read: on a GPU its stream lines
+(the kernels, memsets and copies the device ran), on a TPU its 'XLA Ops' line. CPU programs
+have no device plane (their op events sit on the host plane, among host threads' events), and
+the summary says so (`kernels_per_step` 0).
 """
 
 from __future__ import annotations
@@ -38,14 +42,24 @@ CATEGORIES = (
 )
 # `%name = type op(...), ..., metadata={op_name="..." ...}` in `Compiled.as_text()`.
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bop_name="([^"]*)"')
-# Derived timelines some profilers add to a device plane; they repeat the kernels' time.
-_DERIVED = ('XLA Modules', 'XLA Ops', 'Steps', 'XLA TraceMe', 'Framework', 'Source code')
 
 
 def category(op_name: str) -> str:
-  """The model part of a name stack, with ' bwd' for the backward pass ('other' if none)."""
+  """The model part of a name stack, with ' recompute' for the forward a remat region
+  recomputes in the backward pass and ' bwd' for the rest of it ('other' if no part)."""
   part = next((p for p, pattern in CATEGORIES if pattern.search(op_name)), 'other')
+  if 'rematted_computation' in op_name:
+    return part + ' recompute'
   return part + (' bwd' if 'transpose(' in op_name else '')
+
+
+def _op_lines(plane) -> list:
+  """The lines of a device plane that hold its ops once: a GPU's 'Stream #…' lines (its
+  'XLA Ops' / 'XLA Modules' / 'Steps' lines, where present, repeat them), else a TPU's
+  'XLA Ops' line, else every line."""
+  lines = list(plane.lines)
+  streams = [ln for ln in lines if ln.name.startswith('Stream')]
+  return streams or [ln for ln in lines if ln.name == 'XLA Ops'] or lines
 
 
 def op_categories(hlo_text: str) -> dict[str, str]:
@@ -89,8 +103,7 @@ def summarize(
   for plane in data.planes:
     if not plane.name.startswith('/device:'):
       continue
-    lines = [ln for ln in plane.lines if not ln.name.startswith(_DERIVED)]
-    for line in lines:
+    for line in _op_lines(plane):
       for event in line.events:
         stats = dict(event.stats)
         stat_names.update(stats)
@@ -124,9 +137,11 @@ def summarize(
   }
 
 
-def trace_file(logdir: str) -> str:
-  """The newest `.xplane.pb` that `jax.profiler.trace(logdir)` wrote."""
+def trace_file(logdir: str, since: float = 0.0) -> str:
+  """The newest `.xplane.pb` that `jax.profiler.trace(logdir)` wrote at or after `since`
+  (a `time.time()`; an older trace in a reused directory is not taken for this one)."""
   found = glob.glob(os.path.join(logdir, 'plugins', 'profile', '*', '*.xplane.pb'))
+  found = [f for f in found if os.path.getmtime(f) >= since]
   if not found:
-    raise FileNotFoundError(f'no .xplane.pb under {logdir}/plugins/profile: did the trace run?')
+    raise FileNotFoundError(f'no new .xplane.pb under {logdir}/plugins/profile: did the trace run?')
   return max(found, key=os.path.getmtime)

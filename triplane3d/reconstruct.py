@@ -149,6 +149,7 @@ def render_view(
   key: jax.Array,
   *,
   options: RenderOptions,
+  decode_fn: Any = point_mlp,
 ) -> tuple[jax.Array, jax.Array]:
   """Renders one image's triplanes along explicit rays (any camera pose, one compilation).
 
@@ -161,12 +162,13 @@ def render_view(
     origins_n3, dirs_n3: (R², 3) ray origins and unit directions, row-major pixel order.
     key: as `render_image`'s key.
     options: rendering settings (sample range and box from `options.camera`).
+    decode_fn: the point decoder (`Prior3D.decode_fn`: `point_mlp` in render.mlp_dtype).
 
   Returns:
     `(rgb (R², 3), depth (R², 1))`.
   """
   out = render_image(
-    planes, mlp_params, key, decode_fn=point_mlp, options=options, rays=(origins_n3, dirs_n3)
+    planes, mlp_params, key, decode_fn=decode_fn, options=options, rays=(origins_n3, dirs_n3)
   )
   return out.rgb, out.depth
 
@@ -193,7 +195,8 @@ class Reconstructor:
     self._key = jax.random.key(RENDER_SEED)
     self._forward = jax.jit(self._forward_fn)
     options = dataclasses.replace(self.model.options, rays_per_image=0)
-    self._render = jax.jit(functools.partial(render_view, options=options))
+    decode = self.model.decode_fn if self.has_views else point_mlp
+    self._render = jax.jit(functools.partial(render_view, options=options, decode_fn=decode))
     # The orbit's rays are the same for every image.
     self._rays = []
     for yaw in self.angles:

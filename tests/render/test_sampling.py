@@ -99,3 +99,11 @@ def test_sort_by_depth_is_a_stable_sort_with_its_gradient():
     want = jax.grad(lambda *a: loss(lax_sort, *a), argnums=(0, 1))(*args)
   for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(g, w_)
+
+
+def test_sort_by_depth_puts_nans_last_like_lax_sort():
+  d = jnp.asarray([[3.0, np.nan, 1.0, 2.0, np.nan, 0.0, np.inf]])
+  p = jnp.arange(7.0)[None]
+  got_d, (got_p,) = sort_by_depth(d, (p,))
+  np.testing.assert_array_equal(got_d, [[0.0, 1.0, 2.0, 3.0, np.inf, np.nan, np.nan]])
+  np.testing.assert_array_equal(got_p, [[5.0, 2.0, 3.0, 0.0, 6.0, 1.0, 4.0]])

@@ -103,6 +103,11 @@ class Prior3D:
     return shards if batch % shards == 0 else 1
 
   @property
+  def decode_fn(self):
+    """The point decoder the renderer calls: `point_mlp` in `render.mlp_dtype`."""
+    return functools.partial(point_mlp, dtype=self.mlp.dtype)
+
+  @property
   def num_tokens(self) -> int:
     return 1 + (self.img_size // self.backbone.patch_size) ** 2
 
@@ -158,7 +163,7 @@ class Prior3D:
         planes,
         params['mlp'],
         key,
-        decode_fn=functools.partial(point_mlp, dtype=self.mlp.dtype),
+        decode_fn=self.decode_fn,
         options=opts,
         batch_shards=self._batch_shards(planes.shape[0]),
       )

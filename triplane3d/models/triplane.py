@@ -47,7 +47,7 @@ def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
   Args:
     params: {'hidden': {'kernel' (C, F), 'bias' (F,)}, 'out': {'kernel' (F, 4), 'bias' (4,)}}.
     feats_nc: (n, C) plane features (mean of the three planes).
-    dtype: computation dtype of the two matmuls.
+    dtype: computation dtype of the two matmuls' inputs and of the hidden activations.
 
   Returns:
     `(rgb (n, 3), raw_sigma (n, 1))`, float32 (float64 under a float64 `dtype`). rgb = sigmoid(x)·(1 + 2·0.001) − 0.001; the raw
@@ -56,8 +56,11 @@ def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
   hid, out = params['hidden'], params['out']
   x = jnp.dot(feats_nc.astype(dtype), hid['kernel'].astype(dtype)) + hid['bias'].astype(dtype)
   x = marching.softplus(x)
-  x = jnp.dot(x, out['kernel'].astype(dtype)) + out['bias'].astype(dtype)
-  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 → float32.
+  # The 4 outputs (the raw density feeds exp()) accumulate and add their bias in float32
+  # (float64 under float64) whatever `dtype`.
+  wide = jnp.promote_types(dtype, jnp.float32)
+  x = jnp.dot(x, out['kernel'].astype(dtype), preferred_element_type=wide)
+  x = x + out['bias'].astype(wide)
   rgb = jax.nn.sigmoid(x[:, 1:]) * (1 + 2 * 0.001) - 0.001
   return rgb, x[:, :1]
 

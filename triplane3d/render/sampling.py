@@ -93,16 +93,21 @@ def sort_by_depth(
   docs/performance.md).
 
   Args:
-    depths: (..., S) depths (no NaNs: a NaN takes no slot).
+    depths: (..., S) depths; NaNs go last, as `jax.lax.sort` puts them.
     payloads: arrays (..., S) that travel with the depths (densities, colour channels).
 
   Returns:
     `(depths (..., S) non-decreasing, payloads (..., S) in the same order)`.
   """
   s = depths.shape[-1]
-  d_l, d_i = depths[..., :, None], depths[..., None, :]  # (..., S (l), S (i)).
+  # NaNs go last (after +inf): rank by (is NaN, depth), NaN depths compared as equal.
+  nan = jnp.isnan(depths)
+  key = jnp.where(nan, 0, depths)
+  d_l, d_i = key[..., :, None], key[..., None, :]  # (..., S (l), S (i)).
+  n_l, n_i = nan[..., :, None], nan[..., None, :]
   earlier = jnp.arange(s)[:, None] < jnp.arange(s)[None, :]
-  dst = jnp.sum((d_l < d_i) | ((d_l == d_i) & earlier), axis=-2, dtype=jnp.int32)
+  before = (d_l < d_i) | ((d_l == d_i) & earlier)  # l before i, among equals by NaN-ness.
+  dst = jnp.sum((~n_l & n_i) | ((n_l == n_i) & before), axis=-2, dtype=jnp.int32)
   hot = dst[..., :, None] == jnp.arange(s, dtype=jnp.int32)  # (..., S (i), S (slot)).
   src = jnp.sum(jnp.where(hot, jnp.arange(s, dtype=jnp.int32)[:, None], 0), axis=-2)
   return _permute(depths, src, dst), tuple(_permute(x, src, dst) for x in payloads)
