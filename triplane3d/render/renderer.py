@@ -213,16 +213,12 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
     rgb_f, raw_f = query(fine, decode_fn, options)
     # Coarse evaluations are reused: merge, then co-sort every payload by depth at once.
     cat = lambda x, y: jnp.concatenate([x, y], axis=1)  # noqa: E731
+    key = cat(depths, fine)
+    payloads = (cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3)))
     if options.sort == 'rank':
-      depths, (raw, r, g, b) = sort_by_depth(
-        cat(depths, fine), (cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3)))
-      )
+      depths, (raw, r, g, b) = sort_by_depth(key, payloads)
     else:
-      depths, raw, r, g, b = jax.lax.sort(
-        (cat(depths, fine), cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3))),
-        dimension=1,
-        num_keys=1,
-      )
+      depths, raw, r, g, b = jax.lax.sort((key, *payloads), dimension=1, num_keys=1)
     rgb = jnp.stack([r, g, b], axis=-1)
   color, depth, weights = raymarch(rgb, raw[..., None], depths[..., None], options.white_background)
   depth = clip_to_scene(depth, cam.near, cam.far)

@@ -106,7 +106,7 @@ def sort_by_depth(
   d_l, d_i = key[..., :, None], key[..., None, :]  # (..., S (l), S (i)).
   n_l, n_i = nan[..., :, None], nan[..., None, :]
   earlier = jnp.arange(s)[:, None] < jnp.arange(s)[None, :]
-  before = (d_l < d_i) | ((d_l == d_i) & earlier)  # l before i, among equals by NaN-ness.
+  before = (d_l < d_i) | ((d_l == d_i) & earlier)  # By depth, ties by index.
   dst = jnp.sum((~n_l & n_i) | ((n_l == n_i) & before), axis=-2, dtype=jnp.int32)
   hot = dst[..., :, None] == jnp.arange(s, dtype=jnp.int32)  # (..., S (i), S (slot)).
   src = jnp.sum(jnp.where(hot, jnp.arange(s, dtype=jnp.int32)[:, None], 0), axis=-2)
