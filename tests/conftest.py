@@ -5,9 +5,10 @@ The XLA flag must be set before jax is imported anywhere, hence at module import
 
 import os
 
-os.environ['XLA_FLAGS'] = (
-  os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-).strip()
+import xla_env
+
+# 8 fake CPU devices, and XLA:CPU's quick code generation (see tests/xla_env.py).
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_env.flags(8)}'.strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Tests compare against float64 / PyTorch references: no TF32-style shortcuts on matmuls.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')

@@ -98,6 +98,7 @@ def launch(
   import tempfile
 
   import portpicker
+  import xla_env
 
   logdir = Path(logdir or tempfile.mkdtemp(prefix='mp_logs_'))
   logdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,7 @@ def launch(
   base = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   base.update(env or {})
   base.update(
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+    XLA_FLAGS=xla_env.flags(devices_per_process),
     JAX_PLATFORMS='cpu',
     PYTHONPATH=os.pathsep.join([str(_REPO), base.get('PYTHONPATH', '')]).rstrip(os.pathsep),
     PYTHONUNBUFFERED='1',

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint
 from triplane3d.data import pipeline
@@ -62,7 +63,7 @@ def _start(data_dir, workdir, err_path):
   # One CPU device in every process (not the test process's 8): the killed runs and the
   # reference must compile the same programs to agree bit for bit. The persistent compilation
   # cache (conftest) is inherited, so only the first process compiles.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = subprocess_env()
   with open(err_path, 'w') as err:
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
 

@@ -9,7 +9,6 @@ compares that run with its starting weights on the synthetic suite (its CI size,
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import nbclient
 import nbformat
 import numpy as np
 from PIL import Image, ImageSequence
+from xla_env import subprocess_env
 
 from triplane3d.configs import demo
 
@@ -34,8 +34,7 @@ def _execute(name: str, params: dict, cwd: Path) -> nbformat.NotebookNode:
   injected = nbformat.v4.new_code_cell(source, metadata={'tags': ['injected-parameters']})
   nb.cells.insert(tagged[0] + 1, injected)
   # One CPU device: conftest's 8 fake devices only slow a batch-of-8 run down.
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = subprocess_env(JAX_PLATFORMS='cpu')
   client = nbclient.NotebookClient(
     nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(cwd)}}
   )

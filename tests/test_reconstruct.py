@@ -1,7 +1,6 @@
 """`python -m triplane3d.reconstruct` on a tiny trained run, `checkpoint.restore_params`, and the
 readable image grids of `summaries` (tile size, header, depth colour map and colour bar)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint, reconstruct, summaries, train
 from triplane3d.convert import export
@@ -39,7 +39,7 @@ def run(tmp_path_factory):
 
 
 def _env():
-  return {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device: quickest.
+  return subprocess_env()  # One device: quickest.
 
 
 def _cli(run, *args):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import run_config, train
 
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = subprocess_env()
   return subprocess.run(
     [sys.executable, *args], capture_output=True, text=True, env=env, timeout=120, cwd=REPO
   )

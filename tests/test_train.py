@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint, convert, run_config, sharding, train
 from triplane3d.data import pipeline
@@ -177,7 +178,7 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
     check=True,
     capture_output=True,
     text=True,
-    env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+    env=subprocess_env(),
   )
   # The console says what was written, not orbax's chatter or runpy / torch warnings.
   assert f'wrote {out}' in done.stdout
@@ -188,7 +189,7 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   refused = subprocess.run(
     [sys.executable, '-m', 'triplane3d.convert.export', f'--workdir={workdir}', f'--out={out}'],
     capture_output=True,
-    env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+    env=subprocess_env(),
   )
   assert refused.returncode != 0 and b'--overwrite' in refused.stderr
   again = convert.load_dinov2(out, 'vit_tiny14')
@@ -313,7 +314,7 @@ def test_reconstruct_uses_the_stored_config(finished, tmp_path):
      f'--images={tmp_path / "red.png"}', f'--out={tmp_path / "out"}', '--frames=1',
      '--config.render.chunk=16'],
     capture_output=True, text=True, timeout=300,
-    env={k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'},
+    env=subprocess_env(),
   )  # fmt: skip
   # Was a parameter mismatch against the demo config unless --config repeated the run's.
   assert done.returncode == 0, done.stderr[-3000:]

@@ -3,7 +3,6 @@ both), and a
 SIGTERM during a real `python -m triplane3d.main` run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from multiprocess import run_processes
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint, train
 
@@ -43,9 +43,7 @@ def test_two_hosts_train_checkpoint_restore_like_one(data_dir, tmp_path):
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS', None)  # One CPU device: the quickest compile.
-  return env
+  return subprocess_env()  # One CPU device: the quickest compile.
 
 
 def _main_cmd(data_dir, workdir, *extra):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint, convert
 from triplane3d.convert import hf
@@ -63,7 +64,7 @@ def _from_pretrained(variant: str, path: str):
 
 
 def _export_cli(*args):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device is enough.
+  env = subprocess_env()  # One device is enough.
   cmd = [sys.executable, '-m', 'triplane3d.convert.export', *args]
   return subprocess.run(cmd, capture_output=True, text=True, env=env)
 

@@ -1,13 +1,13 @@
 """Bad input to `python -m triplane3d.evaluate` fails at once, naming the problem and the fix:
 unknown suites, backbone specs naming nothing, datasets missing from data_dir."""
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from xla_env import subprocess_env
 
 from triplane3d import checkpoint
 from triplane3d.configs.eval import synthetic
@@ -86,7 +86,7 @@ def test_cli_exit_status_and_message(tmp_path):
     sys.executable, '-m', 'triplane3d.evaluate', f'--config={REPO}/configs/eval/synthetic.py:tiny',
     f'--config.backbones={tmp_path}/missing.pth', f'--workdir={tmp_path}/out',
   ]  # fmt: skip
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = subprocess_env()
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.startswith('error: backbone') and 'missing.pth' in proc.stderr

@@ -3,7 +3,6 @@ tiny trained run; results.json, results.md and the PNGs agree; a rerun reuses ev
 feature file; the depth probe beats the mean depth."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from tiny import tiny_config
+from xla_env import subprocess_env
 
 from triplane3d import train
 from triplane3d.configs.eval import synthetic
@@ -46,7 +46,7 @@ def first(trained, tmp_path_factory):
     sys.executable, '-m', 'triplane3d.evaluate', f'--config={_SYNTHETIC}:tiny',
     f'--config.backbones=random:vit_tiny14,run={trained}', f'--workdir={out}',
   ]  # fmt: skip
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device: quickest.
+  env = subprocess_env()  # One device: quickest.
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(out / 'results.json') as f:
