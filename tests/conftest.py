@@ -34,3 +34,13 @@ def devices():
   devs = jax.devices()
   assert len(devs) == 8, f'expected 8 fake CPU devices, got {len(devs)}'
   return devs
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the modules that hold a test marked `slow` first, each module's tests kept together
+  (module fixtures are set up once) and in their order. With `--dist=worksteal` (pyproject)
+  the long tests then start early and the short ones even out the two workers' ends, instead
+  of one worker running a long test alone at the end."""
+  del config
+  heavy = {item.path for item in items if item.get_closest_marker('slow')}
+  items.sort(key=lambda item: item.path not in heavy)  # Stable: the order is kept otherwise.

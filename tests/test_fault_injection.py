@@ -171,6 +171,7 @@ def _data_state(workdir, step) -> str:
   return (path / 'process_0-of-1.json').read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(data_dir, tmp_path):
   seed = int(os.environ.get('TRIPLANE3D_FAULT_SEED', '0'))
   rng = random.Random(seed)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 import numpy as np
+import pytest
 from PIL import Image, ImageSequence
 from xla_env import subprocess_env
 
@@ -81,6 +82,7 @@ def test_stored_notebooks_have_no_outputs_and_one_parameters_cell():
     assert 'REPO = ' in code[0].source and 'find_spec' in code[0].source, name  # Install cell.
 
 
+@pytest.mark.slow
 def test_notebooks_execute_end_to_end(tmp_path):
   start = time.monotonic()
   workdir = tmp_path / 'run'

@@ -84,6 +84,7 @@ def test_sharded_step_equals_single_device(data_dir, devices):
   assert mu and all(m.sharding.spec == P('fsdp') for m in mu)
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(data_dir, tmp_path):
   fsdp = {'mesh.data': 4, 'mesh.fsdp': 2}  # Restore onto sharded params and Adam state.
   full = train.run(tiny_config(data_dir, **fsdp), str(tmp_path / 'a'))

@@ -25,6 +25,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('synthetic_mp'))
 
 
+@pytest.mark.slow
 def test_two_hosts_train_checkpoint_restore_like_one(data_dir, tmp_path):
   single = train.run(tiny_config(data_dir), str(tmp_path / 'single'))
   workdir = str(tmp_path / 'multi')

@@ -53,6 +53,7 @@ def first(trained, tmp_path_factory):
     return out, json.load(f), proc.stdout
 
 
+@pytest.mark.slow
 def test_outputs_agree(first):
   out, summary, stdout = first
   labels = [b['label'] for b in summary['backbones']]

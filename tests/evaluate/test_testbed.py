@@ -6,10 +6,13 @@ stage by stage and writes a table and figures that agree with the evaluation's n
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import subprocess_env
 
 from triplane3d import pretrain
 from triplane3d.configs import testbed as testbed_config
@@ -223,12 +226,21 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
+  """The whole tiny pipeline through its command line, in a one-device process (the test
+  process's 8 fake devices would make every program slower to compile)."""
   out = str(tmp_path_factory.mktemp('testbed'))
-  tb = testbed_config.get_config('tiny')
-  md = testbed.run(tb, out, [0], 'test')
-  return tb, out, md
+  cmd = [sys.executable, '-m', 'triplane3d.evaluate.testbed', f'--workdir={out}', '--size=tiny']
+  proc = subprocess.run(
+    [*cmd, '--seeds=1', '--split=test'], capture_output=True, text=True, env=subprocess_env()
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(out, 'test', 'results.md')) as f:
+    md = f.read()
+  assert md.strip() in proc.stdout  # The command prints the table it wrote.
+  return testbed_config.get_config('tiny'), out, md
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_a_consistent_table_and_figures(tiny_run):
   _, out, md = tiny_run
   d = os.path.join(out, 'test')

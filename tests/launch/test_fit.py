@@ -63,6 +63,7 @@ def report(tmp_path_factory):
     holder.wait()
 
 
+@pytest.mark.slow
 def test_demo_fits_a_v5e_chip_with_the_memory_broken_down(report):
   (r,) = report['compiles']
   assert (r['topology'], r['chips'], r['batch_per_chip'], r['fsdp']) == ('v5e:2x2', 4, 4, 1)
