@@ -77,11 +77,12 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _flat(tree: Mapping, prefix: str = '') -> dict[str, Any]:
+def flat(tree: Mapping, prefix: str = '') -> dict[str, Any]:
+  """A nested mapping as {'a.b.c': leaf}."""
   out = {}
   for k, v in tree.items():
     path = f'{prefix}{k}'
-    out.update(_flat(v, path + '.') if isinstance(v, Mapping) else {path: v})
+    out.update(flat(v, path + '.') if isinstance(v, Mapping) else {path: v})
   return out
 
 
@@ -135,9 +136,9 @@ def differences(stored: mlc.ConfigDict, new: mlc.ConfigDict) -> list[tuple[str, 
   """
   from triplane3d.configs import common
 
-  a = _flat(_plain(stored.to_dict()))
-  b = _flat(_plain(json.loads(to_json(new))))  # Through JSON, as the stored one went.
-  defaults = _flat(_plain(json.loads(to_json(common.get_base_config()))))
+  a = flat(_plain(stored.to_dict()))
+  b = flat(_plain(json.loads(to_json(new))))  # Through JSON, as the stored one went.
+  defaults = flat(_plain(json.loads(to_json(common.get_base_config()))))
   return [
     (k, a.get(k, _ABSENT), b.get(k, _ABSENT))
     for k in sorted(set(a) | set(b))
@@ -256,7 +257,7 @@ def unknown_field(config: mlc.ConfigDict, path: str) -> str | None:
       close = [prefix + k for k in difflib.get_close_matches(part, list(node.keys()), n=3)]
       # The same name in another section (e.g. --config.lr for optim.lr).
       leaves: dict[str, list[str]] = {}
-      for p in sorted(_flat(config.to_dict())):
+      for p in sorted(flat(config.to_dict())):
         leaves.setdefault(p.rsplit('.', 1)[-1], []).append(p)
       for name in difflib.get_close_matches(part, list(leaves), n=3, cutoff=0.8):
         close += [p for p in leaves[name] if p not in close]

@@ -410,15 +410,23 @@ def _init_or_restore(
   """(state, teacher, start step): the latest checkpoint, else a fresh (or DINOv2) init."""
   abstract = sharding.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
   restored = ckpt.restore_latest(abstract, data_iter)
+  if not restored:
+    return *initial_state(setup, config, key), 0
+  start, state = restored
+  logging.info('resumed from step %d', start)
   loaded = None
-  if config.model.init_from and (setup.use_teacher or not restored):
+  if config.model.init_from and setup.use_teacher:  # The teacher is never checkpointed.
     loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
-  if restored:
-    start, state = restored
-    logging.info('resumed from step %d', start)
-  else:
-    start, state = 0, fresh_state(setup, key, loaded)
   return state, teacher_params(setup, key, loaded), start
+
+
+def initial_state(setup: Setup, config: mlc.ConfigDict, key: jax.Array) -> tuple[dict, dict]:
+  """(state, teacher) of a new run: the backbone, and so the teacher, start from
+  `model.init_from` if it is set, else from `key`'s initialisation."""
+  loaded = None
+  if config.model.init_from:
+    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
+  return fresh_state(setup, key, loaded), teacher_params(setup, key, loaded)
 
 
 def fresh_state(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dict:

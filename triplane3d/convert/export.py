@@ -13,6 +13,7 @@ is the parameter (never a resized copy).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
@@ -32,8 +33,9 @@ def to_dinov2_state_dict(params: dict) -> dict[str, np.ndarray]:
   return keys_lib.flax_to_official(host)
 
 
-def save_dinov2(params: dict, path: str) -> None:
-  """Writes official-key weights to `.safetensors` (no torch needed) or `.pth` (torch).
+def save_dinov2(params: dict, path: str) -> int:
+  """Writes official-key weights to `.safetensors` (no torch needed) or `.pth` (torch);
+  returns the number of tensors written.
 
   The file is written to a temporary name and renamed, so a crash never leaves half a file.
   """
@@ -58,6 +60,7 @@ def save_dinov2(params: dict, path: str) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  return len(state)
 
 
 backbone_from_checkpoint = load_lib.backbone_from_checkpoint  # Its owner is load.py.
@@ -76,11 +79,8 @@ def main(argv):
       f'{f.out} exists; pass --overwrite to replace it, or choose another --out.'
     )
   model, params = load_lib.load_backbone(f.workdir, step=f.step)
-  if f.format == 'hf':
-    hf.save_hf(params, f.out, model)
-  else:
-    save_dinov2(params, f.out)
-  print(f'wrote {f.out} ({len(to_dinov2_state_dict(params))} tensors, {f.format} format)')
+  save = functools.partial(hf.save_hf, model=model) if f.format == 'hf' else save_dinov2
+  print(f'wrote {f.out} ({save(params, f.out)} tensors, {f.format} format)')
 
 
 if __name__ == '__main__':

@@ -71,8 +71,9 @@ def hf_config(model: vit.DinoViT) -> dict:
   return config
 
 
-def save_hf(params: dict, path: str, model: vit.DinoViT | None = None) -> None:
-  """Writes backbone params as a Hugging Face model directory at `path`.
+def save_hf(params: dict, path: str, model: vit.DinoViT | None = None) -> int:
+  """Writes backbone params as a Hugging Face model directory at `path`; returns the number of
+  tensors written.
 
   Args:
     params: the backbone's nested params (numpy or jax arrays), as `vit.create(...)` builds.
@@ -108,3 +109,4 @@ def save_hf(params: dict, path: str, model: vit.DinoViT | None = None) -> None:
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
+  return len(tensors)

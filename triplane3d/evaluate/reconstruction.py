@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from triplane3d import convert, render
+from triplane3d import render
 from triplane3d.data import pipeline, synthetic
 from triplane3d.render.camera import Camera
 
@@ -159,12 +159,7 @@ def overfit_scene(
   setup = train.build(config, sharding.make_mesh(config.mesh, jax.devices()[:1]), num_steps)
   model = setup.model
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  # As train.run: the backbone, and so the teacher, start from model.init_from if it is set.
-  loaded = None
-  if config.model.init_from:
-    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
-  state = train.fresh_state(setup, k_init, loaded)
-  teacher = train.teacher_params(setup, k_init, loaded)
+  state, teacher = train.initial_state(setup, config, k_init)  # As train.run starts.
   step_fn = jax.jit(train.make_train_step(setup, config, k_train))
   render = jax.jit(lambda p, x: render_full(model, p, x))
   target_rgb, target_depth = np.asarray(batch['rgb']), np.asarray(batch['depth'])

@@ -531,7 +531,7 @@ def check_workdir(tb, out: str) -> None:
   if existing is None:
     runner.write_json(path, current)
   elif existing != current:
-    old, new = run_config._flat(existing), run_config._flat(current)
+    old, new = run_config.flat(existing), run_config.flat(current)
     diff = ', '.join(
       f'{k}: {old.get(k)!r} → {new.get(k)!r}'
       for k in sorted({*old, *new})
