@@ -130,3 +130,11 @@ def test_a_tpu_plane_is_read_from_its_xla_ops_line():
   s = device_time.summarize(data, {'fusion.1': 'decoder'}, steps=1)
   assert s['kernels_per_step'] == 2 and s['by_part_s_per_step'] == {'decoder': pytest.approx(6e-6)}
   assert s['device_busy_share'] == pytest.approx(6 / 7)
+
+
+def test_a_failed_trace_is_reported_not_raised(tmp_path):
+  def failing_step():
+    raise RuntimeError('device lost')
+
+  out = device_time.trace_steps(failing_step, str(tmp_path), 2, '')
+  assert out == {'error': 'RuntimeError: device lost'}
