@@ -17,6 +17,9 @@
 #               render.sort='rank' (the sort was 27 ms of the 0.592 s).
 # Also useful: 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
 # the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
+# Next to try (not run yet): 'noremat32:--config.train.batch_size=32;--config.render.gpu_chunk=0'
+# — no rematerialised render steps (the profile's ~100 ms of recomputed renderer forward), at
+# half the batch so that every ray's activations fit (64 images would need ~16× a chunk's).
 # PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
 # time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
