@@ -2,9 +2,9 @@
 
 The suite compiles far more than it runs (most tests run a tiny program a few times), so XLA:CPU
 generates code at LLVM optimisation level 0: a tiny train step compiles in ~10 s instead of
-~19 s on 2 cores. Only LLVM's work on the generated code changes (slower code, same operations
-in the same order); XLA's HLO passes, and so buffer sizes and what each program computes, do
-not. Measured: the tiny trainer's losses agree to every printed digit with and without it.
+~19 s on 2 cores. Only LLVM's work on the generated code changes (slower code); XLA's HLO
+passes, and so buffer sizes and the operations each program runs, do not. Measured: the tiny
+trainer's losses agree to every printed digit with and without it.
 """
 
 import os
