@@ -103,10 +103,8 @@ def launch(
   logdir = Path(logdir or tempfile.mkdtemp(prefix='mp_logs_'))
   logdir.mkdir(parents=True, exist_ok=True)
   port = portpicker.pick_unused_port()
-  base = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  base.update(env or {})
+  base = xla_env.subprocess_env(devices_per_process, **(env or {}))
   base.update(
-    XLA_FLAGS=xla_env.flags(devices_per_process),
     JAX_PLATFORMS='cpu',
     PYTHONPATH=os.pathsep.join([str(_REPO), base.get('PYTHONPATH', '')]).rstrip(os.pathsep),
     PYTHONUNBUFFERED='1',

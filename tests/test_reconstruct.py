@@ -38,16 +38,14 @@ def run(tmp_path_factory):
   }
 
 
-def _env():
-  return subprocess_env()  # One device: quickest.
-
-
 def _cli(run, *args):
   config = f'--config={REPO}/tests/tiny.py:{run["data_dir"]}'
   overrides = [f'--config.{k}={v}' for k, v in TRAIN.items()]
   cmd = [sys.executable, '-m', 'triplane3d.reconstruct', config, *overrides]
   cmd += [f'--workdir={run["workdir"]}', *args]  # A later --workdir wins.
-  return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+  return subprocess.run(
+    cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300
+  )
 
 
 def _reference_depth(config, params, path):

@@ -43,10 +43,6 @@ def test_two_hosts_train_checkpoint_restore_like_one(data_dir, tmp_path):
     np.testing.assert_allclose(multi[str(s)], single['losses'][s], rtol=1e-5, err_msg=f'step {s}')
 
 
-def _env():
-  return subprocess_env()  # One CPU device: the quickest compile.
-
-
 def _main_cmd(data_dir, workdir, *extra):
   return [
     sys.executable, '-m', 'triplane3d.main', f'--config={REPO}/tests/tiny.py:{data_dir}',
@@ -67,7 +63,7 @@ def test_signal_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
   workdir = str(tmp_path / 'preempt')
   proc = subprocess.Popen(
     _main_cmd(data_dir, workdir, '--config.train.num_steps=100000'),
-    env=_env(),
+    env=subprocess_env(),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
   )
@@ -89,7 +85,7 @@ def test_signal_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
   # The next run resumes from that step and continues with the next one.
   done = subprocess.run(
     _main_cmd(data_dir, workdir, f'--config.train.num_steps={saved + 2}'),
-    env=_env(),
+    env=subprocess_env(),
     capture_output=True,
     timeout=300,
   )
@@ -105,7 +101,7 @@ def test_demo_command_leaves_checkpoints_logs_and_pngs(tmp_path):
     '--config.train.num_steps=3', '--config.data.num_synthetic=32', '--config.train.batch_size=4',
     '--config.train.image_every_steps=2', '--config.train.log_every_steps=1',
   ]  # fmt: skip
-  done = subprocess.run(cmd, env=_env(), capture_output=True, timeout=600)
+  done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, timeout=600)
   assert done.returncode == 0, done.stderr.decode()[-3000:]
   assert (workdir / 'checkpoints' / '3').is_dir()
   assert list((workdir / 'tb').glob('events.out.tfevents.*'))
@@ -122,6 +118,6 @@ def test_demo_command_leaves_checkpoints_logs_and_pngs(tmp_path):
 
 def test_unknown_config_field_is_an_error(tmp_path):
   cmd = [sys.executable, '-m', 'triplane3d.main', f'--workdir={tmp_path}', '--config.model.bogus=1']
-  done = subprocess.run(cmd, env=_env(), capture_output=True, timeout=120)
+  done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, timeout=120)
   assert done.returncode != 0
   assert 'bogus' in done.stderr.decode()

@@ -414,19 +414,22 @@ def _init_or_restore(
     return *initial_state(setup, config, key), 0
   start, state = restored
   logging.info('resumed from step %d', start)
-  loaded = None
-  if config.model.init_from and setup.use_teacher:  # The teacher is never checkpointed.
-    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
+  loaded = _init_from(config) if setup.use_teacher else None  # The teacher is not checkpointed.
   return state, teacher_params(setup, key, loaded), start
 
 
 def initial_state(setup: Setup, config: mlc.ConfigDict, key: jax.Array) -> tuple[dict, dict]:
   """(state, teacher) of a new run: the backbone, and so the teacher, start from
   `model.init_from` if it is set, else from `key`'s initialisation."""
-  loaded = None
-  if config.model.init_from:
-    loaded = convert.load_dinov2(config.model.init_from, config.model.variant)
+  loaded = _init_from(config)
   return fresh_state(setup, key, loaded), teacher_params(setup, key, loaded)
+
+
+def _init_from(config: mlc.ConfigDict) -> dict | None:
+  """The DINOv2-format backbone weights `model.init_from` names, or None if it is unset."""
+  if not config.model.init_from:
+    return None
+  return convert.load_dinov2(config.model.init_from, config.model.variant)
 
 
 def fresh_state(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dict:
