@@ -90,6 +90,9 @@ def get_base_config() -> mlc.ConfigDict:
   # How the plane lookup sums its 12 bilinear taps: 'auto' (fused on GPUs; on CPU fused
   # forward, a loop over taps backward; a loop on TPU), 'fused' or 'loop' (render/planes.py).
   c.render.taps = 'auto'
+  # 'xla', or 'pallas': the lookup and the point MLP as one Triton kernel on GPUs (interpreted,
+  # slowly, elsewhere; render/fused.py). Not yet timed on a GPU: benchmarks/gpu_step.sh.
+  c.render.lookup = 'xla'
   # How coarse and fine samples are merged by depth: 'rank' (comparisons and selects, no sort
   # kernel) or 'sort' (jax.lax.sort); the same numbers (render/sampling.py).
   c.render.sort = 'rank'

@@ -48,6 +48,7 @@ RESUMABLE = frozenset({
   'render.chunk',
   'render.gpu_chunk',
   'render.taps',  # How the lookup's 12 taps are summed: float summation order only.
+  'render.lookup',  # The same lookup and point MLP in one kernel: summation order only.
   # Micro-batches of the same global batch: each image draws the same rays whatever k (the
   # rays are keyed per image), so only the float summation order changes.
   'train.accum_steps',

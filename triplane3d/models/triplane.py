@@ -39,6 +39,7 @@ from triplane3d.models.layers import (
 )
 from triplane3d.render import marching
 from triplane3d.render.camera import Camera
+from triplane3d.render.fused import point_outputs
 
 
 def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
@@ -60,9 +61,7 @@ def point_mlp(params: Any, feats_nc: jax.Array, dtype: Dtype = jnp.float32):
   # (float64 under float64) whatever `dtype`.
   wide = jnp.promote_types(dtype, jnp.float32)
   x = jnp.dot(x, out['kernel'].astype(dtype), preferred_element_type=wide)
-  x = x + out['bias'].astype(wide)
-  rgb = jax.nn.sigmoid(x[:, 1:]) * (1 + 2 * 0.001) - 0.001
-  return rgb, x[:, :1]
+  return point_outputs(x + out['bias'].astype(wide))
 
 
 class _LinearParams(nn.Module):

@@ -138,19 +138,29 @@ def _mean_lookup_fwd(planes, coords_np2, taps):
 
 
 def _mean_lookup_bwd(taps, res, g_nc):
-  # Autodiff of 12 gathers transposes into 12 (n, C) update tensors and 12 plane-sized
-  # scatters, all live at once. 'loop' (and 'auto' on CPU and TPU): one accumulator, one tap's
-  # update at a time. 'fused' (and 'auto' on GPUs, see `_mean_lookup`): one scatter of all 12
-  # taps' (n, 12, C) updates (one kernel, 12× the updates live).
   coords_np2, proto, shape = res
+  grad = scatter_taps(shape, coords_np2, g_nc, taps).astype(proto.dtype)
+  # No gradient w.r.t. the point positions: the renderer's sample positions carry none.
+  return grad, jnp.zeros_like(coords_np2)
+
+
+def scatter_taps(shape, coords_np2: jax.Array, g_nc: jax.Array, taps: str) -> jax.Array:
+  """The planes' gradient of the tap mean (`_mean_lookup`) given its (n, C) gradient `g_nc`:
+  each point's gradient, weighted as its 12 taps, added into (3, H, W, C) = `shape` zeros.
+
+  Autodiff of 12 gathers transposes into 12 (n, C) update tensors and 12 plane-sized
+  scatters, all live at once. 'loop' (and 'auto' on CPU and TPU): one accumulator, one tap's
+  update at a time. 'fused' (and 'auto' on GPUs, see `_mean_lookup`): one scatter of all 12
+  taps' (n, 12, C) updates (one kernel, 12× the updates live). Computes in `g_nc`'s dtype.
+  """
   _, h, w, c = shape
   index, weight = _all_taps(shape, coords_np2)
   weight = (weight / 3.0).astype(g_nc.dtype)
-  grad = jnp.zeros((3 * h * w, c), proto.dtype)
+  grad = jnp.zeros((3 * h * w, c), g_nc.dtype)
 
   def fused():
     updates = (weight[:, :, None] * g_nc[:, None, :]).reshape(-1, c)
-    return grad.at[index.reshape(-1)].add(updates.astype(grad.dtype))
+    return grad.at[index.reshape(-1)].add(updates)
 
   def add_tap(j, grad):
     tap = jax.lax.dynamic_index_in_dim(index, j, axis=1, keepdims=False)
@@ -162,8 +172,7 @@ def _mean_lookup_bwd(taps, res, g_nc):
     grad = jax.lax.platform_dependent(cuda=fused, rocm=fused, default=looped)
   else:
     grad = fused() if taps == 'fused' else looped()
-  # No gradient w.r.t. the point positions: the renderer's sample positions carry none.
-  return grad.reshape(shape), jnp.zeros_like(coords_np2)
+  return grad.reshape(shape)
 
 
 _mean_lookup.defvjp(_mean_lookup_fwd, _mean_lookup_bwd)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from triplane3d.render.camera import Camera, ray_table
+from triplane3d.render.fused import LOOKUPS, fused_logits, point_outputs
 from triplane3d.render.marching import activate_density, raymarch
 from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import TAPS, sample_planes_mean
@@ -60,6 +61,9 @@ class RenderOptions:
     rays_per_image: > 0: render only this many random rays per image (training).
     pdf_search: 'mask' or 'searchsorted' (see pdf.py).
     taps: how the plane lookup sums its 12 taps (planes.py).
+    lookup: 'xla' (the lookup, then `decode_fn`) or 'pallas': the lookup and the point MLP
+      in one kernel (fused.py; Triton on GPUs, interpreted elsewhere — for tests only), which
+      computes `point_mlp`'s float32 outputs from `mlp_params` and does not call `decode_fn`.
     sort: how coarse and fine samples are merged by depth: 'rank' (`sampling.sort_by_depth`,
       comparisons only) or 'sort' (`jax.lax.sort`); the same numbers.
     camera: the fixed camera (sample range, box and rays come from it).
@@ -76,6 +80,7 @@ class RenderOptions:
   rays_per_image: int = 0
   pdf_search: str = 'mask'
   taps: str = 'auto'
+  lookup: str = 'xla'
   sort: str = 'rank'
   camera: Camera = dataclasses.field(default_factory=Camera)
 
@@ -94,6 +99,8 @@ class RenderOptions:
       raise ValueError(f"render.plane_space must be 'box' or 'frustum', got {self.plane_space!r}.")
     if self.taps not in TAPS:
       raise ValueError(f'render.taps must be one of {TAPS}, got {self.taps!r}.')
+    if self.lookup not in LOOKUPS:
+      raise ValueError(f'render.lookup must be one of {LOOKUPS}, got {self.lookup!r}.')
     if self.sort not in ('rank', 'sort'):
       raise ValueError(f"render.sort must be 'rank' or 'sort', got {self.sort!r}.")
     if self.chunk < 0:
@@ -110,6 +117,12 @@ class RenderOptions:
     A configured camera must keep its whole frustum inside the triplane box (checked here).
     """
     camera.check_frustum_in_box()
+    lookup = str(render_cfg.get('lookup', 'xla'))
+    if lookup == 'pallas' and str(render_cfg.get('mlp_dtype', 'float32')) != 'float32':
+      raise ValueError(
+        f"render.lookup='pallas' computes the point MLP in float32, but render.mlp_dtype="
+        f"{render_cfg.mlp_dtype!r}: set render.mlp_dtype='float32' or render.lookup='xla'."
+      )
     return cls(
       resolution=int(render_cfg.resolution),
       num_coarse=int(render_cfg.num_coarse),
@@ -122,6 +135,7 @@ class RenderOptions:
       rays_per_image=int(render_cfg.rays_per_image),
       pdf_search=str(render_cfg.pdf_search),
       taps=str(render_cfg.get('taps', 'auto')),
+      lookup=lookup,
       sort=str(render_cfg.get('sort', 'rank')),
       camera=camera,
     )
@@ -180,10 +194,16 @@ def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, option
   points = points_nk3.reshape(n * k, 3)
   if options.plane_space == 'frustum':
     points = cam.frustum_to_box(points, xp=jnp)
-  feats = sample_planes_mean(
-    planes, points, cam.box_size, options.plane_axes, cam.box_center, options.taps
-  )
-  rgb, raw = decode_fn(mlp_params, feats)
+  if options.lookup == 'pallas':
+    logits = fused_logits(
+      planes, points, mlp_params, cam.box_size, options.plane_axes, cam.box_center
+    )
+    rgb, raw = point_outputs(logits)
+  else:
+    feats = sample_planes_mean(
+      planes, points, cam.box_size, options.plane_axes, cam.box_center, options.taps
+    )
+    rgb, raw = decode_fn(mlp_params, feats)
   # March in the planes' precision (float32, or float64 in tests) whatever decode_fn used.
   return rgb.astype(planes.dtype).reshape(n, k, 3), raw.astype(planes.dtype).reshape(n, k)
 
