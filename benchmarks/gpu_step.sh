@@ -8,18 +8,23 @@
 # A setting is NAME:--config.x=y;--flag=v (';'-separated benchmark flags, as commas occur inside
 # tuple values, on top of per-device batch 64; a later flag wins, so '--steps=3' shortens one
 # setting). Without arguments, the settings that split the step's time (issue 13):
-#   default     the paper step as configs/vitb.py sets it, with the GPU defaults: render.gpu_chunk
-#               (4 whole images per rematerialised render step) and 'auto' taps fused in both
-#               passes — ~4 700 kernels per step, compiled for an H100 from a CPU;
-#   mlp_bf16    the same with the point MLP in bfloat16 (render.mlp_dtype): 0.488 s against
-#               the default's 0.592 s on an H100 (jax 0.11.2, 2026-11-27);
-#   lax_sort    the default with coarse and fine samples merged by jax.lax.sort, as before
-#               render.sort='rank' (the sort was 27 ms of the 0.592 s).
-# Also useful: 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
+#   mlp_bf16    the paper step as configs/vitb.py sets it, with the GPU defaults (render.gpu_chunk:
+#               4 whole images per rematerialised render step; 'auto' taps fused in both
+#               passes) and the point MLP in bfloat16 (render.mlp_dtype): the fastest measured,
+#               0.488 s against the defaults' 0.592 s on an H100 (jax 0.11.2, 2026-11-27);
+#   pallas      the defaults with the lookup and the point MLP in one Pallas/Triton kernel
+#               (render.lookup='pallas', render/fused.py; float32): not yet run on a GPU. For
+#               an H100, compiled on a CPU: 4 500 → 3 737 kernels per step, 13.80 → 10.82 GiB;
+#   pallas_noremat  the same with no rematerialised render steps (render.chunk=0 and
+#               gpu_chunk=0: every ray of the batch at once), which the kernel's small
+#               residuals allow: 2 234 kernels, 32.06 GiB of the 59 JAX takes (compiled on a
+#               CPU); it drops the recomputed renderer forward (~100 ms in session 12's profile).
+# Also useful: 'default:' (0.592 s, 3.31 % MFU in session 12), 'lax_sort:--config.render.sort=sort'
+# (samples merged by jax.lax.sort, as before render.sort='rank'; the sort was 27 ms of 0.592 s),
+# 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
 # the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
-# Next to try (not run yet): 'noremat32:--config.train.batch_size=32;--config.render.gpu_chunk=0'
-# — no rematerialised render steps (the profile's ~100 ms of recomputed renderer forward), at
-# half the batch so that every ray's activations fit (64 images would need ~16× a chunk's).
+# LOOKUP=1 first times the lookup + point MLP alone, 'xla' against 'pallas' at one GPU chunk's
+# 4.2 M points (benchmarks/lookup_mlp.py; ~1 min, its lines go to run.log).
 # PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
 # time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
@@ -32,6 +37,7 @@ OUT=${OUT:-gpu_step_out}
 STEPS=${STEPS:-10}
 LIMIT=${LIMIT:-180}
 PROFILE=${PROFILE:-0}
+LOOKUP=${LOOKUP:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The configs import as triplane3d.configs, as an installed package lays them out.
@@ -48,10 +54,17 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv |
   tee -a "$OUT/run.log"
 
+if [ "$LOOKUP" = 1 ]; then
+  echo "=== lookup_mlp ($(date +%T))" | tee -a "$OUT/run.log"
+  timeout -k 10 150 python3 benchmarks/lookup_mlp.py --steps=20 2>&1 | tee -a "$OUT/run.log" |
+    grep -E "^(xla|pallas) |speedup|Error|error:"
+  echo "rc ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/run.log"
+fi
+
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=('default:' 'mlp_bf16:--config.render.mlp_dtype=bfloat16'
-    'lax_sort:--config.render.sort=sort')
+  settings=('mlp_bf16:--config.render.mlp_dtype=bfloat16' 'pallas:--config.render.lookup=pallas'
+    'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0')
 for setting in "${settings[@]}"; do
   case $setting in
   *:*) ;;

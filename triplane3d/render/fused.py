@@ -19,12 +19,14 @@ scatter as the unfused lookup's backward (`planes.scatter_taps`): Triton's atomi
 it in the kernel, but Pallas' interpret mode, in which the tests check this kernel on a CPU,
 does not accumulate repeated indices within one store, so the kernel would go untested.
 
-Everything is float32; `precision` is that of the kernel's matmuls (on GPUs Triton's default
-uses TF32, as XLA's default float32 matmuls do; the tests ask for 'highest'). Gradients flow to
-the planes and the MLP weights; the point positions get none (as `sample_planes_mean`).
+Everything is float32; `precision` is that of the kernel's matmuls (at the default, None,
+Triton uses TF32 on GPUs; the tests ask for 'highest'). Gradients flow to the planes and the
+MLP weights; the point positions get none (as `sample_planes_mean`).
 
-Not measured on a GPU yet: the tests run it in Pallas' interpret mode on the CPU against the
-unfused renderer, and compile it for an H100 through the CUDA plugin (no GPU).
+Not run on a GPU yet: the tests run it in Pallas' interpret mode on the CPU against float64
+references and the unfused renderer, and compile it for an H100 through the CUDA plugin (no
+GPU). docs/performance.md has what the compiled program needs ("The lookup and the point MLP
+in one kernel").
 """
 
 from __future__ import annotations
