@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from test_renderer import AXES, OPTS, loss_fn, make_scene, np_bilinear, to64
 
-from triplane3d.render import Camera, RenderOptions
+from triplane3d.models.triplane import point_mlp
+from triplane3d.render import Camera, RenderOptions, render_batch
 from triplane3d.render.fused import fused_logits
 from triplane3d.render.planes import sample_planes_mean
 
@@ -97,6 +98,29 @@ def test_render_with_the_pallas_lookup_equals_xla(chunk):
     np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
 
 
+def test_batch_of_whole_images_per_step_is_vmapped_kernels():
+  """2 images of 36 rays, both in one render step: the kernels run under `vmap`."""
+  scenes = [make_scene(s, channels=C, hidden=F) for s in (8, 9)]
+  planes_b, params = jnp.stack([p for p, _ in scenes]), scenes[0][1]
+  keys = jax.random.split(jax.random.key(11), 2)
+  results = []
+  for lookup in ('xla', 'pallas'):
+    opts = dataclasses.replace(OPTS, chunk=80, lookup=lookup)
+
+    def loss(planes_b, params, opts=opts):
+      out = render_batch(planes_b, params, keys, decode_fn=point_mlp, options=opts)
+      return jnp.sum(out.rgb) + jnp.sum(out.depth), out
+
+    results.append(
+      jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(planes_b, params)
+    )
+  ((_, want), want_grad), ((_, got), got_grad) = results
+  for name in ('rgb', 'depth', 'opacity', 'densities'):
+    np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
+
+
 def test_bad_settings_name_the_fix():
   with pytest.raises(ValueError, match=r"render\.lookup must be one of \('xla', 'pallas'\)"):
     RenderOptions(lookup='triton')
@@ -135,7 +159,13 @@ def test_compiles_for_an_h100_with_two_triton_kernels():
   text = lowered.as_text()
   assert text.count('__gpu$xla.gpu.triton') == 2  # The forward and the backward kernel.
   assert 'triplane_lookup_mlp' in text and 'triplane_lookup_mlp_bwd' in text
-  compiled = lowered.compile({'xla_gpu_enable_triton_gemm': False})
+  # Not through the persistent cache: a compile-only client cannot load its entries back.
+  cache = jax.config.jax_enable_compilation_cache
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    compiled = lowered.compile({'xla_gpu_enable_triton_gemm': False})
+  finally:
+    jax.config.update('jax_enable_compilation_cache', cache)
   hlo = compiled.as_text()
   assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == 2
   assert compiled.memory_analysis().temp_size_in_bytes > 0
