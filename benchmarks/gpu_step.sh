@@ -57,7 +57,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 if [ "$LOOKUP" = 1 ]; then
   echo "=== lookup_mlp ($(date +%T))" | tee -a "$OUT/run.log"
   timeout -k 10 150 python3 benchmarks/lookup_mlp.py --steps=20 2>&1 | tee -a "$OUT/run.log" |
-    grep -E "^(xla|pallas) |speedup|Error|error:"
+    grep -E "^(xla|pallas_[0-9]+) |^[{]|Error|error:"
   echo "rc ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/run.log"
 fi
 

@@ -1,12 +1,13 @@
 """The triplane lookup + point MLP, forward and backward: `render.lookup` 'xla' against 'pallas'.
 
-  python benchmarks/lookup_mlp.py [--points=4194304] [--steps=20] [--json=PATH]
+  python benchmarks/lookup_mlp.py [--points=4194304] [--steps=20] [--blocks=128,256] [--json=PATH]
 
 Times `jax.grad` of a loss over the point MLP's outputs (colour, raw density) at `--points` random world points
 (the renderer's one pass over a GPU chunk: 262 144 rays × 16 samples) on 128² × 32 float32
 planes, once per lookup, side by side in one process: the unfused program
 (`sample_planes_mean` with the GPU's fused taps, then `point_mlp`) and the Pallas kernel
-(render/fused.py). Median wall time of `--steps` calls after a warm-up, with
+(render/fused.py) with each of `--blocks` points per forward program (the renderer uses
+256). Median wall time of `--steps` calls after a warm-up, with
 `block_until_ready`. Meant for a GPU; on a CPU the kernel runs in Pallas' interpreter (slowly:
 use --points=16384).
 """
@@ -25,13 +26,15 @@ from triplane3d.render.planes import sample_planes_mean
 
 _POINTS = flags.DEFINE_integer('points', 262144 * 16, 'Points per call.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls per lookup.')
+_BLOCKS = flags.DEFINE_list('blocks', ['128', '256'], "Forward block sizes of 'pallas' to time.")
 _JSON = flags.DEFINE_string('json', None, 'Also write the results here.')
 
 
 def _grad_fn(lookup: str):
   def logits(planes, params, points):
-    if lookup == 'pallas':
-      rgb, raw = point_outputs(fused_logits(planes, points, params, 2.0))
+    if lookup.startswith('pallas'):
+      block = int(lookup.split('_')[1])
+      rgb, raw = point_outputs(fused_logits(planes, points, params, 2.0, block=block))
     else:
       rgb, raw = point_mlp(params, sample_planes_mean(planes, points, 2.0, taps='fused'))
     return jnp.concatenate([raw, rgb], axis=-1)
@@ -55,7 +58,8 @@ def main(argv):
   weights = jax.random.normal(k[4], (n, 4))
   report = {'device': str(jax.devices()[0]), 'points': n, 'steps': _STEPS.value}
   results = {}
-  for lookup in ('xla', 'pallas'):
+  lookups = ['xla', *(f'pallas_{b}' for b in _BLOCKS.value)]
+  for lookup in lookups:
     fn = _grad_fn(lookup)
     start = time.perf_counter()
     compiled = fn.lower(planes, params, points, weights).compile()
@@ -74,14 +78,16 @@ def main(argv):
       'temp_bytes': int(getattr(memory, 'temp_size_in_bytes', 0)),
     }
     print(lookup, report[lookup], flush=True)
-  # The two programs compute the same values up to rounding (TF32 matmuls on GPUs).
-  (loss_x, grad_x), (loss_p, grad_p) = results['xla'], results['pallas']
-  report['loss_rel_diff'] = float(abs(loss_p - loss_x) / abs(loss_x))
-  report['grad_max_rel_diff'] = max(
-    float(jnp.abs(a - b).max() / jnp.abs(a).max())
-    for a, b in zip(jax.tree.leaves(grad_x), jax.tree.leaves(grad_p))
-  )
-  report['speedup'] = round(report['xla']['median_ms'] / report['pallas']['median_ms'], 3)
+  # The programs compute the same values up to rounding (TF32 matmuls on GPUs).
+  loss_x, grad_x = results['xla']
+  for lookup in lookups[1:]:
+    loss_p, grad_p = results[lookup]
+    report[lookup]['loss_rel_diff'] = float(abs(loss_p - loss_x) / abs(loss_x))
+    report[lookup]['grad_max_rel_diff'] = max(
+      float(jnp.abs(a - b).max() / jnp.abs(a).max())
+      for a, b in zip(jax.tree.leaves(grad_x), jax.tree.leaves(grad_p))
+    )
+    report[lookup]['speedup'] = round(report['xla']['median_ms'] / report[lookup]['median_ms'], 3)
   print(json.dumps(report))
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
