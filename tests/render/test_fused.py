@@ -75,15 +75,33 @@ def test_gradients_match_float64_autodiff_of_the_unfused_lookup():
   assert np.abs(got[0]).max() > 0 and np.abs(got[1]['hidden']['kernel']).max() > 0
 
 
+def test_bfloat16_planes_are_read_as_they_are():
+  """bfloat16 planes give exactly what the same planes widened to float32 give (forward), and
+  the float32 path's plane gradient rounded to bfloat16."""
+  planes, params, points = scene_and_points(8, 1024)
+  planes16 = planes.astype(jnp.bfloat16)
+  weights = np.random.default_rng(9).normal(size=(1024, 4))
+  f = lambda p: jnp.sum(fused_logits(p, points, params, 1.0) * weights)  # noqa: E731
+  (v16, g16), (v32, g32) = (
+    jax.jit(jax.value_and_grad(f))(p) for p in (planes16, planes16.astype(jnp.float32))
+  )
+  assert g16.dtype == jnp.bfloat16
+  assert float(v16) == float(v32)
+  np.testing.assert_array_equal(
+    np.asarray(g16, np.float32), np.asarray(g32.astype(jnp.bfloat16), np.float32)
+  )
+
+
 def test_points_carry_no_gradient():
   planes, params, points = scene_and_points(4, 64)
   f = lambda x: jnp.sum(fused_logits(planes, x, params, 1.0))  # noqa: E731
   np.testing.assert_array_equal(jax.grad(f)(jnp.asarray(points)), 0.0)
 
 
-@pytest.mark.parametrize('chunk', [0, 10])
-def test_render_with_the_pallas_lookup_equals_xla(chunk):
+@pytest.mark.parametrize('chunk,dtype', [(0, jnp.float32), (10, jnp.bfloat16)])
+def test_render_with_the_pallas_lookup_equals_xla(chunk, dtype):
   planes, params = make_scene(5, channels=C, hidden=F)
+  planes = planes.astype(dtype)  # bfloat16: 'xla' widens the planes first, 'pallas' in the kernel.
   key = jax.random.PRNGKey(6)
   results = []
   for lookup in ('xla', 'pallas'):
@@ -95,7 +113,11 @@ def test_render_with_the_pallas_lookup_equals_xla(chunk):
     np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-5)
   assert 0.05 < float(np.mean(want.opacity)) < 0.95  # Neither empty nor opaque.
   for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
-    np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-4 * np.abs(w).max())
+    assert g.dtype == w.dtype
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    np.testing.assert_allclose(
+      g, w, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-3, atol=1e-4 * np.abs(w).max()
+    )
 
 
 def test_batch_of_whole_images_per_step_is_vmapped_kernels():

@@ -19,7 +19,8 @@ scatter as the unfused lookup's backward (`planes.scatter_taps`): Triton's atomi
 it in the kernel, but Pallas' interpret mode, in which the tests check this kernel on a CPU,
 does not accumulate repeated indices within one store, so the kernel would go untested.
 
-Everything is float32; `precision` is that of the kernel's matmuls (at the default, None,
+Everything computes in float32 (bfloat16 planes are widened as they are gathered); `precision`
+is that of the kernel's matmuls (at the default, None,
 Triton uses TF32 on GPUs; the tests ask for 'highest'). Gradients flow to the planes and the
 MLP weights; the point positions get none (as `sample_planes_mean`).
 
@@ -80,7 +81,7 @@ def _feats(coord_refs, flat_ref, h: int, w: int, rows=slice(None)):
         valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
         weight = jnp.where(valid, wx * wy, 0.0) * (1.0 / 3.0)
         row = p * h * w + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-        tap = weight[:, None] * flat_ref[row, :]
+        tap = weight[:, None] * flat_ref[row, :].astype(jnp.float32)
         acc = tap if acc is None else acc + tap
   return acc
 
@@ -278,7 +279,9 @@ def fused_logits(
   """The point MLP's 4 logits (raw density, then 3 colour logits) at world points.
 
   Args:
-    planes: (3, H, W, C) float32 triplanes.
+    planes: (3, H, W, C) triplanes. bfloat16 planes are read as they are and widened to
+      float32 in the kernel: the values of float32 planes converted beforehand, in half the
+      gathered bytes (the decoder's planes are bfloat16 in the paper configs).
     points: (n, 3) world coordinates.
     mlp_params: `point_mlp`'s {'hidden': {'kernel' (C, F), 'bias' (F,)}, 'out': {'kernel'
       (F, 4), 'bias' (4,)}}, F a power of two ≥ 16 and C one ≥ 16 (Triton's matmul).
@@ -310,4 +313,6 @@ def fused_logits(
   span = max(block, _BWD_BLOCK * _BWD_STEPS)  # Whole programs in both passes.
   coords = jnp.pad(coords, ((0, _pad(n, span)), (0, 0), (0, 0)), constant_values=2.0)
   prec = None if precision is None else jax.lax.Precision(precision)
-  return _logits(planes.astype(jnp.float32), coords, mlp, block, prec, interpret)[:n]
+  if planes.dtype != jnp.bfloat16:
+    planes = planes.astype(jnp.float32)
+  return _logits(planes, coords, mlp, block, prec, interpret)[:n]

@@ -186,6 +186,11 @@ def to_image(values_nc: jax.Array, resolution: int) -> jax.Array:
   return values_nc.reshape(*values_nc.shape[:-2], resolution, resolution, values_nc.shape[-1])
 
 
+def render_dtype(planes: jax.Array) -> jnp.dtype:
+  """The dtype rendering computes in: the planes' promoted to at least float32."""
+  return jnp.promote_types(planes.dtype, jnp.float32)
+
+
 def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, options):
   """Decodes the points origin + depth * dir: → (rgb (n, k, 3), raw (n, k))."""
   n, k = depths_nk.shape
@@ -205,7 +210,8 @@ def _query(planes, mlp_params, origins_n3, dirs_n3, depths_nk, decode_fn, option
     )
     rgb, raw = decode_fn(mlp_params, feats)
   # March in the planes' precision (float32, or float64 in tests) whatever decode_fn used.
-  return rgb.astype(planes.dtype).reshape(n, k, 3), raw.astype(planes.dtype).reshape(n, k)
+  dtype = render_dtype(planes)
+  return rgb.astype(dtype).reshape(n, k, 3), raw.astype(dtype).reshape(n, k)
 
 
 def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, decode_fn, options):
@@ -271,7 +277,7 @@ def _render_pixels(
   # random subset or in the full image, and whatever the chunk size or batch.
   draws = jax.vmap(
     lambda i: jax.random.uniform(jax.random.fold_in(k_draws, i), (options.num_samples,))
-  )(ray_indices).astype(planes.dtype)
+  )(ray_indices).astype(render_dtype(planes))
   jitter, u = draws[:, : options.num_coarse], draws[:, options.num_coarse :]
   return render_rays(
     planes,
@@ -325,13 +331,14 @@ def render_image(
   if options.gpu_chunk and options.gpu_chunk != options.chunk:
     arrays = dict(planes=planes, mlp_params=mlp_params, key=key, ray_indices=ray_indices, rays=rays)
     return _by_platform(render_image, options, arrays, decode_fn=decode_fn)
-  planes = planes.astype(jnp.promote_types(planes.dtype, jnp.float32))
+  if options.lookup != 'pallas':  # The kernel reads bfloat16 planes as they are (fused.py).
+    planes = planes.astype(render_dtype(planes))
   k_rays, k_draws = jax.random.split(key)
   ray_indices = draw_rays(k_rays, options) if ray_indices is None else ray_indices
   ray_indices = ray_indices.astype(jnp.int32)
   n = ray_indices.shape[0]
   origins, dirs = ray_table(options.camera, options.resolution) if rays is None else rays
-  tables = (jnp.asarray(origins, planes.dtype), jnp.asarray(dirs, planes.dtype))
+  tables = (jnp.asarray(origins, render_dtype(planes)), jnp.asarray(dirs, render_dtype(planes)))
   body = functools.partial(_render_pixels, decode_fn=decode_fn, options=options)
 
   chunk = options.chunk
