@@ -182,7 +182,8 @@ def _pad(n: int, block: int) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _logits(planes, coords_np2, mlp, block, precision, interpret):
-  """(n, 4) logits; `coords_np2` (n, 3, 2) with n a multiple of `block`."""
+  """(n, 4) logits; `coords_np2` (n, 3, 2) with n a multiple of `block` and of the backward's
+  `_BWD_BLOCK · _BWD_STEPS` points per program."""
   _, h, w, c = planes.shape
   n = coords_np2.shape[0]
   w1, b1, w2, b2 = mlp
