@@ -7,29 +7,30 @@
 #
 # A setting is NAME:--config.x=y;--flag=v (';'-separated benchmark flags, as commas occur inside
 # tuple values, on top of per-device batch 64; a later flag wins, so '--steps=3' shortens one
-# setting). Without arguments, the settings that split the step's time (issue 13):
-#   mlp_bf16    the paper step as configs/vitb.py sets it, with the GPU defaults (render.gpu_chunk:
+# setting). Without arguments, the two settings that matter next (issue 13):
+#   default     the paper step as configs/vitb.py sets it, with the GPU defaults (render.gpu_chunk:
 #               4 whole images per rematerialised render step; 'auto' taps fused in both
-#               passes) and the point MLP in bfloat16 (render.mlp_dtype): the fastest measured,
-#               0.488 s against the defaults' 0.592 s on an H100 (jax 0.11.2, 2026-11-27);
-#   pallas      the defaults with the lookup and the point MLP in one Pallas/Triton kernel
-#               (render.lookup='pallas', render/fused.py; float32): not yet run on a GPU. For
-#               an H100, compiled on a CPU: 4 500 → 3 737 kernels per step, 13.80 → 10.82 GiB;
-#   pallas_noremat  the same with no rematerialised render steps (render.chunk=0 and
-#               gpu_chunk=0: every ray of the batch at once), which the kernel's small
-#               residuals allow: 2 234 kernels, 32.06 GiB of the 59 JAX takes (compiled on a
-#               CPU); it drops the recomputed renderer forward (~100 ms in session 12's profile).
-# Also useful: 'default:' (0.592 s, 3.31 % MFU in session 12), 'lax_sort:--config.render.sort=sort'
+#               passes): 0.592 s, 3.31 % MFU on an H100 (jax 0.11.2, 2026-11-27), the baseline;
+#   pallas_noremat  the lookup and the point MLP in one Pallas/Triton kernel
+#               (render.lookup='pallas', render/fused.py; float32; not yet run on a GPU) and no
+#               rematerialised render steps (render.chunk=0 and gpu_chunk=0: every ray of the
+#               batch at once), which the kernel's small residuals allow: compiled for an H100
+#               on a CPU, 2 234 kernels and 32.06 GiB of the 59 JAX takes (without the kernel:
+#               74.81, does not fit); no recomputed renderer forward (~100 ms in the profile).
+# Also useful: 'pallas:--config.render.lookup=pallas' (the kernel with the default remat: 3 737
+# kernels, 10.82 GiB against the default's 4 500 and 13.80, compiled on a CPU),
+# 'mlp_bf16:--config.render.mlp_dtype=bfloat16' (0.488 s, 4.02 %), 'lax_sort:--config.render.sort=sort'
 # (samples merged by jax.lax.sort, as before render.sort='rank'; the sort was 27 ms of 0.592 s),
 # 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
 # the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
 # LOOKUP=1 first times the lookup + point MLP alone, 'xla' against 'pallas' at one GPU chunk's
-# 4.2 M points (benchmarks/lookup_mlp.py; ~1 min, its lines go to run.log).
+# 4.2 M points (benchmarks/lookup_mlp.py; at most 150 s, its lines go to run.log).
 # PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
 # time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
 # 13 steps 22 s, the rest start-up and initialisation. So LIMIT (seconds per setting) must stay
-# above ~170, and the settings' LIMITs together below the device's 600 s per command. A setting
+# above ~170, and the settings' LIMITs (and LOOKUP's 150 s) together below the device's 600 s
+# per command: the script refuses more than 580 s (BUDGET) rather than lose the last setting. A setting
 # that fails or runs out of time is reported (all output goes to $OUT/run.log), and the next one
 # runs. Everything lands in at most 2 + 2 × settings files (the device returns 8).
 set -u
@@ -38,11 +39,21 @@ STEPS=${STEPS:-10}
 LIMIT=${LIMIT:-180}
 PROFILE=${PROFILE:-0}
 LOOKUP=${LOOKUP:-0}
+BUDGET=${BUDGET:-580}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The configs import as triplane3d.configs, as an installed package lays them out.
 [ -e triplane3d/configs ] || ln -sfn ../configs triplane3d/configs
 [ -e triplane3d/launch ] || ln -sfn ../launch triplane3d/launch
+
+settings=("$@")
+[ ${#settings[@]} -gt 0 ] ||
+  settings=('default:'
+    'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0')
+if [ $((LOOKUP * 150 + ${#settings[@]} * LIMIT)) -gt "$BUDGET" ]; then
+  echo "LOOKUP=$LOOKUP and ${#settings[@]} settings × LIMIT=$LIMIT s exceed BUDGET=$BUDGET s" \
+    "(the device stops a command at 600 s): run fewer settings per call." && exit 2
+fi
 
 python3 - <<'EOF' 2>&1 | tee "$OUT/run.log"
 import os
@@ -61,10 +72,6 @@ if [ "$LOOKUP" = 1 ]; then
   echo "rc ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/run.log"
 fi
 
-settings=("$@")
-[ ${#settings[@]} -gt 0 ] ||
-  settings=('mlp_bf16:--config.render.mlp_dtype=bfloat16' 'pallas:--config.render.lookup=pallas'
-    'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0')
 for setting in "${settings[@]}"; do
   case $setting in
   *:*) ;;

@@ -15,7 +15,7 @@ from test_renderer import AXES, OPTS, loss_fn, make_scene, np_bilinear, to64
 from triplane3d.models.triplane import point_mlp
 from triplane3d.render import Camera, RenderOptions, render_batch
 from triplane3d.render.fused import fused_logits
-from triplane3d.render.planes import sample_planes_mean
+from triplane3d.render.planes import sample_planes
 
 # Triton's matmuls want power-of-two sizes >= 16: 16 channels and 16 hidden units.
 C = F = 16
@@ -54,6 +54,8 @@ def test_logits_match_float64_reference(axes, box, center):
 
 
 def test_gradients_match_float64_autodiff_of_the_unfused_lookup():
+  """The reference is plain autodiff of the per-plane gathers (`sample_planes`), not the
+  custom backward of `sample_planes_mean`, whose scatter the kernel's backward shares."""
   planes, params, points = scene_and_points(2, 1500)  # Two backward programs of 1024 points.
   weights = np.random.default_rng(3).normal(size=(1500, 4))
 
@@ -61,7 +63,7 @@ def test_gradients_match_float64_autodiff_of_the_unfused_lookup():
     return lambda p, m: jnp.sum(jnp.sin(logits_fn(p, m)) * weights)
 
   def unfused(p, m):
-    feats = sample_planes_mean(p, jnp.asarray(points, p.dtype), 1.0, 'xyz', taps='fused')
+    feats = sample_planes(p, jnp.asarray(points, p.dtype), 1.0, 'xyz').mean(-2)
     hid = jax.nn.softplus(feats @ m['hidden']['kernel'] + m['hidden']['bias'])
     return hid @ m['out']['kernel'] + m['out']['bias']
 
@@ -149,6 +151,8 @@ def test_bad_settings_name_the_fix():
   planes, params = make_scene(7, channels=C, hidden=8)
   with pytest.raises(ValueError, match=r"render\.mlp_hidden to be a power of two >= 16.*'xla'"):
     fused_logits(planes, jnp.zeros((4, 3)), params, 1.0)
+  with pytest.raises(ValueError, match='the planes have 32 channels but the point MLP takes 16'):
+    fused_logits(jnp.zeros((3, 4, 4, 32)), jnp.zeros((4, 3)), make_scene(7, C, hidden=F)[1], 1.0)
   cfg = mlc.ConfigDict(
     dict(resolution=8, num_coarse=8, num_fine=8, plane_axes='xyz', plane_space='box')
   )

@@ -15,7 +15,8 @@ sigmoid.
 Backward (its own kernel): the block's feats and hidden activations are recomputed, then
 d_feats = (dlogits @ W2ᵀ · sigmoid(pre)) @ W1ᵀ is written per point, and W1's, b1's and W2's
 gradients per block (summed over blocks outside). d_feats goes into the planes with the same
-scatter as the unfused lookup's backward (`planes.scatter_taps`): Triton's atomic adds could do
+scatter as the unfused lookup's backward (`planes.scatter_taps`, 'auto': one fused scatter on
+GPUs, a loop over the taps elsewhere): Triton's atomic adds could do
 it in the kernel, but Pallas' interpret mode, in which the tests check this kernel on a CPU,
 does not accumulate repeated indices within one store, so the kernel would go untested.
 
@@ -257,7 +258,7 @@ def _logits_bwd(block, precision, interpret, res, g_n4):
     name='triplane_lookup_mlp_bwd',
   )
   # The feats were the taps' mean: their gradient goes to the planes like the lookup's.
-  dplanes = scatter_taps(planes.shape, coords_np2, dfeat, 'fused').astype(planes.dtype)
+  dplanes = scatter_taps(planes.shape, coords_np2, dfeat, 'auto').astype(planes.dtype)
   dmlp = (dw1.sum(0), db1.sum(0), dw2t.sum(0).T, g_n4.sum(0))
   return dplanes, jnp.zeros_like(coords_np2), tuple(d.astype(m.dtype) for m, d in zip(mlp, dmlp))
 
@@ -299,6 +300,11 @@ def fused_logits(
     raise ValueError(f'render.plane_axes must be one of {sorted(PLANE_AXES)}, got {plane_axes!r}.')
   hid, out = mlp_params['hidden'], mlp_params['out']
   c, f = hid['kernel'].shape
+  if planes.shape[-1] != c:
+    raise ValueError(
+      f'fused_logits: the planes have {planes.shape[-1]} channels but the point MLP takes {c}: '
+      'mlp_params from another model?'
+    )
   for name, size in (('channels', c), ('render.mlp_hidden', f), ('block', block)):
     if size < 16 or size & (size - 1):
       raise ValueError(

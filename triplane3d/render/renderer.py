@@ -314,7 +314,8 @@ def render_image(
   """Renders one image from its triplanes (deterministic given `key`).
 
   Args:
-    planes: (3, H, W, C) triplane features (bfloat16 is promoted: rendering runs in float32).
+    planes: (3, H, W, C) triplane features (bfloat16 is promoted: rendering runs in float32;
+      `lookup='pallas'` widens bfloat16 planes as it gathers them, to the same values).
     mlp_params: the pytree `decode_fn` takes.
     key: PRNG key for the ray subset, the coarse jitter and the importance draws.
     decode_fn: `(mlp_params, feats (m, C)) -> (rgb (m, 3), raw density (m, 1))`.
@@ -386,7 +387,8 @@ def render_batch(
   platform's, `RenderOptions.gpu_chunk`), chunk < n
   renders a slice's images one after another (`lax.map`), each in rematerialised chunks
   (`render_image`); chunk >= n renders up to chunk // n whole images per slice and
-  rematerialised step. What stays per image is its planes (float32 while rendering), its (n,)
+  rematerialised step. What stays per image is its planes (float32 while rendering, as given with
+  `lookup='pallas'`), its (n,)
   pixel indices and the per-ray outputs. `chunk=0` (or chunk >= b·n) renders every ray at
   once. Either way every image renders exactly what `render_image` renders for it.
 
