@@ -1,6 +1,6 @@
 """The fused lookup + point-MLP kernel (render/fused.py), run by Pallas' interpreter on this CPU:
 its logits against a float64 numpy reference, its gradients against float64 autodiff of the
-unfused lookup and MLP, the renderer with render.lookup='pallas' against 'xla', and the GPU
+unfused per-plane gathers and MLP, the renderer with render.lookup='pallas' against 'xla', and the GPU
 program compiled for an H100 by the CUDA plugin (no GPU)."""
 
 import dataclasses
