@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from triplane3d.render.planes import PLANE_AXES, plane_coords, scatter_taps
+from triplane3d.render.planes import PLANE_AXES, bilinear_taps, plane_coords, scatter_taps
 
 LOOKUPS = ('xla', 'pallas')
 
@@ -67,23 +67,10 @@ def _feats(coord_refs, flat_ref, h: int, w: int, rows=slice(None)):
   for p in range(3):
     gx = coord_refs[2 * p][rows]
     gy = coord_refs[2 * p + 1][rows]
-    x = ((gx + 1.0) * w - 1.0) * 0.5
-    y = ((gy + 1.0) * h - 1.0) * 0.5
-    x0f = jnp.floor(x)
-    y0f = jnp.floor(y)
-    fx = x - x0f
-    fy = y - y0f
-    x0 = x0f.astype(jnp.int32)
-    y0 = y0f.astype(jnp.int32)
-    for dy, wy in ((0, 1.0 - fy), (1, fy)):
-      for dx, wx in ((0, 1.0 - fx), (1, fx)):
-        xi = x0 + dx
-        yi = y0 + dy
-        valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        weight = jnp.where(valid, wx * wy, 0.0) * (1.0 / 3.0)
-        row = p * h * w + jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
-        tap = weight[:, None] * flat_ref[row, :].astype(jnp.float32)
-        acc = tap if acc is None else acc + tap
+    for index, weight in bilinear_taps(gx, gy, h, w):
+      row = p * h * w + index
+      tap = (weight * (1.0 / 3.0))[:, None] * flat_ref[row, :].astype(jnp.float32)
+      acc = tap if acc is None else acc + tap
   return acc
 
 

@@ -56,24 +56,34 @@ def _corners(grid_n2: jax.Array, h: int, w: int) -> tuple[jax.Array, jax.Array]:
   Returns `(index (n, 4) int32 into the row-major h·w texels, weight (n, 4))`; taps outside
   the grid get weight 0 (zeros padding) and a clipped, valid index.
   """
+  taps = bilinear_taps(grid_n2[:, 0], grid_n2[:, 1], h, w)
+  return jnp.stack([i for i, _ in taps], axis=-1), jnp.stack([t for _, t in taps], axis=-1)
+
+
+def bilinear_taps(
+  gx: jax.Array, gy: jax.Array, h: int, w: int
+) -> list[tuple[jax.Array, jax.Array]]:
+  """`_corners` tap by tap, element-wise only (so a Triton kernel can use it too, render/fused.py):
+  the 4 `(index, weight)` pairs, each shaped as `gx`, of coordinates `gx` (width) and `gy`
+  (height) on an (h, w) grid."""
   # align_corners=False: -1 and +1 are the outer edges of the border texels.
-  x = ((grid_n2[:, 0] + 1.0) * w - 1.0) / 2.0
-  y = ((grid_n2[:, 1] + 1.0) * h - 1.0) / 2.0
+  x = ((gx + 1.0) * w - 1.0) / 2.0
+  y = ((gy + 1.0) * h - 1.0) / 2.0
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
   fx = x - x0
   fy = y - y0
   x0 = x0.astype(jnp.int32)
   y0 = y0.astype(jnp.int32)
-  index, weight = [], []
+  taps = []
   for dy, wy in ((0, 1.0 - fy), (1, fy)):
     for dx, wx in ((0, 1.0 - fx), (1, fx)):
       xi = x0 + dx
       yi = y0 + dy
       valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-      index.append(jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1))
-      weight.append(jnp.where(valid, wx * wy, 0.0))
-  return jnp.stack(index, axis=-1), jnp.stack(weight, axis=-1)
+      index = jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)
+      taps.append((index, jnp.where(valid, wx * wy, 0.0)))
+  return taps
 
 
 def _bilinear(plane_hwc: jax.Array, grid_n2: jax.Array) -> jax.Array:
