@@ -218,7 +218,11 @@ def test_init_from_dinov2_checkpoint(data_dir, tmp_path):
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
-  assert json.loads(line)['dist'] == 0.0  # Student == teacher: identical representations.
+  # Student == teacher: the same representations, up to rounding (the teacher's forward and the
+  # student's, under the gradient, are separately compiled and fused programs; 5e-16 measured
+  # with XLA:CPU's older fusion emitters, exactly 0 with the new ones). A teacher other than the
+  # loaded weights gives ~1e-1 (the tiny runs' dist after a step).
+  assert abs(json.loads(line)['dist']) < 1e-12
 
 
 def _umask() -> int:
