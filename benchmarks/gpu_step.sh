@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The ViT-B/14 train step on one GPU: `python -m triplane3d.benchmark --config=configs/vitb.py`
 # in a few settings, one JSON report per setting under $OUT (default ./gpu_step_out). Run from
-# the repository root on a machine with a CUDA jax and the project's dependencies importable.
+# the repository root on a machine with a CUDA jax and the project's dependencies importable
+# (on a lent GPU machine: the wheels of benchmarks/gpu_wheels.sh, installed as its header says).
 #
 #   OUT=/tmp/gpu STEPS=10 LIMIT=180 PROFILE=1 bash benchmarks/gpu_step.sh [NAME:OVERRIDES ...]
 #
