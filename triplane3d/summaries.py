@@ -63,6 +63,29 @@ _BACKGROUND = (255, 255, 255)
 _TEXT = (0, 0, 0)
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX's writer module imports torch whenever it is installed (the `dev` extra and the
+  export path have it), only to accept torch tensors, which we never pass: ~3 s of every
+  training process's start on 2 cores. A `None` entry in sys.modules makes that import fail
+  as if torch were absent; tensorboardX then accepts numpy arrays, which is all we write.
+  Nothing changes if torch is already imported.
+  """
+  import sys
+
+  if 'tensorboardX.writer' in sys.modules or 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules['torch'] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules['torch']  # A later `import torch` (export, evaluation) works as usual.
+  return SummaryWriter
+
+
 class Writer:
   """Scalars to TensorBoard and `<workdir>/metrics.jsonl`; images to TensorBoard and PNG.
 
@@ -75,10 +98,8 @@ class Writer:
     self.workdir = epath.Path(workdir)
     self._tb = None
     if self.active:
-      from tensorboardX import SummaryWriter
-
       (self.workdir / 'images').mkdir(parents=True, exist_ok=True)
-      self._tb = SummaryWriter(str(self.workdir / 'tb'))
+      self._tb = _summary_writer_class()(str(self.workdir / 'tb'))
 
   def forget_after(self, step: int) -> None:
     """Drops metrics.jsonl lines of steps after `step` (the checkpoint a run resumes from).
