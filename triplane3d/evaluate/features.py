@@ -25,6 +25,7 @@ recomputed; anything else that changed gets a new key and a new file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,32 @@ def cache_key(*parts) -> str:
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+@functools.lru_cache(maxsize=32)
+def _feature_fn(model, with_patches: bool) -> Callable:
+  """The jitted feature function of one architecture (a flax module compares by its fields):
+  shared by every backbone of that architecture, so an evaluation of several checkpoints of
+  one model traces and compiles it once per image shape, not once per backbone."""
+  blocks = depth_blocks(model.depth)
+
+  def fn(params, images_u8):
+    x = (images_u8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    apply = lambda **kw: model.apply(  # noqa: E731
+      {'params': params}, x, return_class_token=True, method='get_intermediate_layers', **kw
+    )
+    last = apply(n=NUM_LAST, norm=True)
+    out = {
+      'cls': jnp.stack([c for _, c in last], axis=1).astype(jnp.float32),
+      'patch_mean': last[-1][0].mean(axis=1).astype(jnp.float32),
+    }
+    if with_patches:
+      raw = apply(n=list(blocks), norm=False)
+      out['patches'] = jnp.concatenate([p for p, _ in raw], -1).astype(jnp.float16)
+      out['patch_cls'] = jnp.concatenate([c for _, c in raw], -1).astype(jnp.float32)
+    return out
+
+  return jax.jit(fn)
+
+
 @dataclasses.dataclass
 class Extractor:
   """One backbone's jitted feature function, built lazily and shared by its image sets."""
@@ -85,35 +112,13 @@ class Extractor:
   batch_size: int = 64
   _model: object = None
   _params: dict | None = None
-  _fns: dict = dataclasses.field(default_factory=dict)
   calls: int = 0  # Image sets extracted (not read from the cache): for tests and reports.
 
   def _fn(self, with_patches: bool):
     if self._model is None:
       self._model, params = self.load()
       self._params = jax.device_put(params)
-    if with_patches not in self._fns:
-      model = self._model
-      blocks = depth_blocks(model.depth)
-
-      def fn(params, images_u8):
-        x = (images_u8.astype(jnp.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-        apply = lambda **kw: model.apply(  # noqa: E731
-          {'params': params}, x, return_class_token=True, method='get_intermediate_layers', **kw
-        )
-        last = apply(n=NUM_LAST, norm=True)
-        out = {
-          'cls': jnp.stack([c for _, c in last], axis=1).astype(jnp.float32),
-          'patch_mean': last[-1][0].mean(axis=1).astype(jnp.float32),
-        }
-        if with_patches:
-          raw = apply(n=list(blocks), norm=False)
-          out['patches'] = jnp.concatenate([p for p, _ in raw], -1).astype(jnp.float16)
-          out['patch_cls'] = jnp.concatenate([c for _, c in raw], -1).astype(jnp.float32)
-        return out
-
-      self._fns[with_patches] = jax.jit(fn)
-    return self._fns[with_patches]
+    return _feature_fn(self._model, with_patches)
 
   def __call__(self, image_set: ImageSet, with_patches: bool, desc: str) -> dict:
     """Features of every image of the set (module docstring), plus 'images_per_s'."""
