@@ -53,6 +53,26 @@ def test_teacher_gets_no_gradient_and_never_changes(data_dir):
     np.testing.assert_array_equal(a, np.asarray(b))  # ...which did not move.
 
 
+@pytest.mark.parametrize('fsdp', [1, 2])
+def test_fresh_teacher_is_a_copy_equal_to_what_a_resume_recreates(data_dir, devices, fsdp):
+  """A new run copies the student's initial backbone into the teacher; a resumed run, which has
+  no initial state, initialises it from the key: the same values, bit for bit, and the copy
+  survives the state's donation (returning the student's own arrays fails here), replicated
+  (fsdp 1) and split (fsdp 2)."""
+  config = tiny_config(data_dir, **{'mesh.data': 8 // fsdp, 'mesh.fsdp': fsdp})
+  setup = train.build(config, sharding.make_mesh(config.mesh), 4)
+  key = jax.random.split(jax.random.key(config.seed))[0]
+  state, teacher = train.initial_state(setup, config, key)
+  recreated = train.teacher_params(setup, key)
+  assert jax.tree.structure(teacher) == jax.tree.structure(state['params']['backbone'])
+  for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(recreated), strict=True):
+    assert a.sharding == b.sharding
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(lambda x: x.delete(), state)  # What donating the state to the step does.
+  assert not any(x.is_deleted() for x in jax.tree.leaves(teacher))
+  assert np.isfinite(np.asarray(jax.tree.leaves(teacher)[0])).all()
+
+
 def test_sharded_step_equals_single_device(data_dir, devices):
   # The paper's lr: Adam's first steps are ±lr for every parameter, so reduction-order noise
   # in near-zero gradients moves a parameter by up to ~lr·1e-2; at 1e-4 that is within 1e-5.

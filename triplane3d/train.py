@@ -422,7 +422,8 @@ def initial_state(setup: Setup, config: mlc.ConfigDict, key: jax.Array) -> tuple
   """(state, teacher) of a new run: the backbone, and so the teacher, start from
   `model.init_from` if it is set, else from `key`'s initialisation."""
   loaded = _init_from(config)
-  return fresh_state(setup, key, loaded), teacher_params(setup, key, loaded)
+  state = fresh_state(setup, key, loaded)
+  return state, teacher_params(setup, key, loaded, initial_backbone=state['params']['backbone'])
 
 
 def _init_from(config: mlc.ConfigDict) -> dict | None:
@@ -441,13 +442,25 @@ def fresh_state(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dic
   return state
 
 
-def teacher_params(setup: Setup, key: jax.Array, loaded: dict | None = None) -> dict:
+def teacher_params(
+  setup: Setup, key: jax.Array, loaded: dict | None = None, initial_backbone: dict | None = None
+) -> dict:
   """The frozen distillation teacher: `loaded` if given, else the student's initial backbone
-  (the same `key` as `fresh_state`); {} without distillation."""
+  (the same `key` as `fresh_state`); {} without distillation.
+
+  `initial_backbone`: that backbone, when the fresh state is at hand: copied (the state is
+  donated to the step) instead of initialising the whole model a second time, a compile of its
+  own. A resumed run has no initial state and initialises from `key`: the same values, bit for
+  bit (tests/test_train.py).
+  """
   if not setup.use_teacher:
     return {}
   if loaded is not None:
     return sharding.shard_like(loaded, setup.teacher_shardings)
+  if initial_backbone is not None:
+    return jax.jit(lambda b: jax.tree.map(jnp.copy, b), out_shardings=setup.teacher_shardings)(
+      initial_backbone
+    )
   init_backbone = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
   return jax.jit(init_backbone, out_shardings=setup.teacher_shardings)(key)
 
