@@ -106,7 +106,8 @@ def _feature_fn(model, with_patches: bool) -> Callable:
 
 @dataclasses.dataclass
 class Extractor:
-  """One backbone's jitted feature function, built lazily and shared by its image sets."""
+  """One backbone's weights, loaded lazily, and its architecture's jitted feature function
+  (`_feature_fn`, shared with every backbone of that architecture) for its image sets."""
 
   load: Callable[[], tuple[object, dict]]  # () -> (DinoViT, params), called at most once.
   batch_size: int = 64
