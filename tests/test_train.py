@@ -1,12 +1,14 @@
 """The trainer on tiny configs: frozen teacher, sharded = single-device, resume = uninterrupted,
 NaN stop, refusals of impossible configs."""
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -104,24 +106,6 @@ def test_sharded_step_equals_single_device(data_dir, devices):
   assert mu and all(m.sharding.spec == P('fsdp') for m in mu)
 
 
-@pytest.mark.slow
-def test_resume_equals_uninterrupted(data_dir, tmp_path):
-  fsdp = {'mesh.data': 4, 'mesh.fsdp': 2}  # Restore onto sharded params and Adam state.
-  full = train.run(tiny_config(data_dir, **fsdp), str(tmp_path / 'a'))
-  first = train.run(tiny_config(data_dir, **fsdp, **{'train.num_steps': 2}), str(tmp_path / 'b'))
-  assert first['step'] == 2
-  second = train.run(tiny_config(data_dir, **fsdp), str(tmp_path / 'b'))
-  assert second['step'] == 4 and sorted(second['losses']) == [3, 4]
-  # Same data and same params: the resumed losses are bitwise the uninterrupted ones.
-  assert [second['losses'][s] for s in (3, 4)] == [full['losses'][s] for s in (3, 4)]
-  for a, b in zip(
-    jax.tree.leaves(full['state']['params']),
-    jax.tree.leaves(second['state']['params']),
-    strict=True,
-  ):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
   make = train.make_train_step
 
@@ -168,23 +152,6 @@ def test_impossible_configs_are_refused(data_dir, tmp_path, overrides, message):
     train.run(config, str(tmp_path / 'w'))
 
 
-def test_freezing_a_group_keeps_it_fixed(data_dir):
-  mults = (('backbone/.*', 0.0), ('.*', 1.0))
-  config = tiny_config(data_dir, **{'mesh.data': 1, 'optim.lr_mults': mults})
-  _, state, teacher, step, batch = _setup(config, jax.devices()[:1])
-  before = jax.tree.map(np.asarray, state['params'])
-  state, _ = step(state, teacher, batch)
-  for a, b in zip(
-    jax.tree.leaves(before['backbone']), jax.tree.leaves(state['params']['backbone'])
-  ):
-    np.testing.assert_array_equal(a, np.asarray(b))
-  moved = [
-    not np.array_equal(a, np.asarray(b))
-    for a, b in zip(jax.tree.leaves(before['decoder']), jax.tree.leaves(state['params']['decoder']))
-  ]
-  assert any(moved)
-
-
 def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   config = tiny_config(
     data_dir, **{'decoder.kind': 'conv', 'loss.dist_weight': 0.0, 'train.num_steps': 2}
@@ -219,8 +186,9 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_init_from_dinov2_checkpoint(data_dir, tmp_path):
-  """The student starts from the loaded weights and the teacher is those same weights."""
+def test_init_from_dinov2_checkpoint_and_a_frozen_group(data_dir, tmp_path):
+  """The student starts from the loaded weights and the teacher is those same weights; with
+  the backbone's learning rate at 0 it stays at them, bit for bit, while the decoder moves."""
   from triplane3d.models import vit
 
   model = vit.create('vit_tiny14')
@@ -237,6 +205,17 @@ def test_init_from_dinov2_checkpoint(data_dir, tmp_path):
     jax.tree.leaves(weights), jax.tree.leaves(result['state']['params']['backbone']), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The decoder's initial values: the run's own init program, from the run's init key.
+  setup = train.build(config, sharding.make_mesh(config.mesh), 1)
+  k_init = jax.random.split(jax.random.key(config.seed))[0]
+  start = train.fresh_state(setup, k_init)['params']['decoder']
+  moved = [
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+      jax.tree.leaves(start), jax.tree.leaves(result['state']['params']['decoder']), strict=True
+    )
+  ]
+  assert all(moved), moved  # Adam's first step moves every parameter with a gradient by ~lr.
   (line,) = (workdir / 'metrics.jsonl').read_text().splitlines()
   # Student == teacher: the same representations, up to rounding (the teacher's forward and the
   # student's, under the gradient, are separately compiled and fused programs; 5e-16 measured
@@ -251,17 +230,55 @@ def _umask() -> int:
   return mask
 
 
-def test_metrics_list_each_step_once_after_a_crash_and_resume(data_dir, tmp_path):
-  """Steps logged after the last checkpoint (a crash) are run again; the log keeps one line
-  per step, with the resumed run's values."""
-  workdir = tmp_path / 'crash'
-  config = tiny_config(data_dir, **{'train.num_steps': 4, 'train.ckpt_every_steps': 2})
-  train.run(config, str(workdir))
+# The finished run's mesh: restores go onto parameters and Adam moments split over fsdp.
+FSDP = {'mesh.data': 4, 'mesh.fsdp': 2}
+
+
+def _fsdp_config(data_dir, **overrides):
+  return tiny_config(data_dir, **FSDP, **overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+  workdir: Path
+  losses: dict  # {step: total loss}
+  params: list  # The final parameters' leaves, as numpy arrays.
+
+
+@pytest.fixture(scope='module')
+def finished(data_dir, tmp_path_factory):
+  """A finished 4-step tiny run on a 4 × 2 (data × fsdp) mesh, checkpoints 2 and 4; tests
+  resume copies of it."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  result = train.run(_fsdp_config(data_dir), str(workdir))
+  assert result['step'] == 4 and sorted(result['losses']) == [1, 2, 3, 4]
+  params = [np.asarray(x) for x in jax.tree.leaves(result['state']['params'])]
+  return Finished(workdir, result['losses'], params)
+
+
+def _copy(finished, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished.workdir, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted(data_dir, finished, tmp_path):
+  """A run that died after logging step 4 but before saving it resumes from step 2, onto
+  sharded parameters and Adam state: steps 3 and 4 give the uninterrupted run's losses and
+  final parameters bit for bit, and the log keeps one line per step (the resumed run's)."""
+  workdir = _copy(finished, tmp_path)
   shutil.rmtree(workdir / 'checkpoints' / '4')  # As if the run died before saving step 4.
-  resumed = train.run(config, str(workdir))
+  resumed = train.run(_fsdp_config(data_dir), str(workdir))
+  assert resumed['step'] == 4 and sorted(resumed['losses']) == [3, 4]
+  # Same data and same params: the resumed losses are bitwise the uninterrupted ones.
+  assert [resumed['losses'][s] for s in (3, 4)] == [finished.losses[s] for s in (3, 4)]
+  got = jax.tree.leaves(resumed['state']['params'])
+  for a, b in zip(finished.params, got, strict=True):
+    np.testing.assert_array_equal(a, np.asarray(b))
   lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [x['step'] for x in lines] == [1, 2, 3, 4]
-  assert lines[-1]['total'] == pytest.approx(resumed['losses'][4])
+  assert [x['total'] for x in lines] == [finished.losses[s] for s in (1, 2, 3, 4)]
   # The first step of each process (1, and 3 after the resume) compiles: it is timed on its
   # own and never counted in images/s.
   assert [('first_step_s' in x, 'images_per_sec' in x) for x in lines] == [
@@ -272,27 +289,13 @@ def test_metrics_list_each_step_once_after_a_crash_and_resume(data_dir, tmp_path
   ]
 
 
-@pytest.fixture(scope='module')
-def finished(data_dir, tmp_path_factory):
-  """A finished 4-step tiny run (checkpoints 2 and 4) and its losses; tests resume copies."""
-  workdir = tmp_path_factory.mktemp('finished') / 'run'
-  result = train.run(tiny_config(data_dir), str(workdir))
-  return workdir, result['losses']
-
-
-def _copy(finished, tmp_path):
-  workdir = tmp_path / 'run'
-  shutil.copytree(finished[0], workdir)
-  return workdir
-
-
 def test_corrupt_latest_checkpoint_resumes_from_the_one_before(data_dir, finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   d = workdir / 'checkpoints' / '4' / 'state'
   victim = max((p for p in d.glob('ocdbt.process_*/d/*') if p.is_file()), key=os.path.getsize)
   os.truncate(victim, 100)  # Was a raw TensorStore OUT_OF_RANGE error, on every resume.
-  result = train.run(tiny_config(data_dir), str(workdir))
-  assert [result['losses'][s] for s in (3, 4)] == [finished[1][s] for s in (3, 4)]
+  result = train.run(_fsdp_config(data_dir), str(workdir))
+  assert [result['losses'][s] for s in (3, 4)] == [finished.losses[s] for s in (3, 4)]
   assert checkpoint.finished_steps(workdir) == [2, 4]  # Step 4 saved afresh.
   (kept,) = (workdir / 'checkpoints_corrupt').glob('4.*[0-9]')
   assert (kept / 'state' / victim.relative_to(d)).stat().st_size == 100  # Kept as found.
@@ -302,15 +305,15 @@ def test_config_is_stored_and_a_resume_that_changes_the_run_is_refused(
   data_dir, finished, tmp_path
 ):
   workdir = _copy(finished, tmp_path)
-  want = tiny_config(data_dir)
-  want.workdir = str(finished[0])
+  want = _fsdp_config(data_dir)
+  want.workdir = str(finished.workdir)
   assert run_config.differences(run_config.read(str(workdir)), want) == []
-  changed = tiny_config(data_dir, **{'optim.lr': 0.5, 'loss.rgb_weight': 2.0})
+  changed = _fsdp_config(data_dir, **{'optim.lr': 0.5, 'loss.rgb_weight': 2.0})
   with pytest.raises(run_config.ConfigChangedError) as e:
     train.run(changed, str(workdir))
   assert '  loss.rgb_weight: 1.0 -> 2.0\n  optim.lr: 0.001 -> 0.5\n' in str(e.value)
   # Longer, logged less often, in a moved workdir: the same run, continued.
-  longer = tiny_config(data_dir, **{'train.num_steps': 6, 'train.log_every_steps': 2})
+  longer = _fsdp_config(data_dir, **{'train.num_steps': 6, 'train.log_every_steps': 2})
   result = train.run(longer, str(workdir))
   assert sorted(result['losses']) == [5, 6]
   assert run_config.read(str(workdir)).train.num_steps == 6
@@ -318,7 +321,7 @@ def test_config_is_stored_and_a_resume_that_changes_the_run_is_refused(
 
 def test_resuming_with_another_worker_count_is_a_named_error(data_dir, finished, tmp_path):
   workdir = _copy(finished, tmp_path)
-  config = tiny_config(data_dir, **{'data.num_workers': 1})
+  config = _fsdp_config(data_dir, **{'data.num_workers': 1})
   with pytest.raises(run_config.ConfigChangedError, match=r'data.num_workers: 0 -> 1'):
     train.run(config, str(workdir))
   # Forced past the config check, grain's state still cannot fit: was KeyError: 'exhausted'.
@@ -335,7 +338,7 @@ def test_reconstruct_uses_the_stored_config(finished, tmp_path):
 
   Image.new('RGB', (20, 16), (200, 40, 40)).save(tmp_path / 'red.png')
   done = subprocess.run(
-    [sys.executable, '-m', 'triplane3d.reconstruct', f'--workdir={finished[0]}',
+    [sys.executable, '-m', 'triplane3d.reconstruct', f'--workdir={finished.workdir}',
      f'--images={tmp_path / "red.png"}', f'--out={tmp_path / "out"}', '--frames=1',
      '--config.render.chunk=16'],
     capture_output=True, text=True, timeout=300,

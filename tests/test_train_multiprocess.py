@@ -57,10 +57,9 @@ def _steps_logged(workdir):
   return [json.loads(line)['step'] for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_signal_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
-  """Preemption (SIGTERM) and Ctrl-C (SIGINT) both save the step reached and exit 0."""
-  workdir = str(tmp_path / 'preempt')
+def _stop_with(sig, data_dir, workdir, after):
+  """Starts an endless run on `workdir`, sends `sig` once `after` steps are logged; checks that
+  it saved the step it reached and exited 0. Returns (that step, the run's stderr)."""
   proc = subprocess.Popen(
     _main_cmd(data_dir, workdir, '--config.train.num_steps=100000'),
     env=subprocess_env(),
@@ -69,29 +68,39 @@ def test_signal_checkpoints_exits_cleanly_and_resumes(data_dir, tmp_path, sig):
   )
   try:
     deadline = time.monotonic() + 300
-    while len(_steps_logged(workdir)) < 3:
+    while len(_steps_logged(workdir)) < after:
       assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-      assert time.monotonic() < deadline, 'training did not start in time'
+      assert time.monotonic() < deadline, 'training did not get far enough in time'
       time.sleep(0.2)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
-  assert proc.returncode == 0, err.decode()[-3000:]
+  assert proc.returncode == 0, (sig, err.decode()[-3000:])
   with checkpoint.Checkpointer(workdir) as ckpt:
     saved = ckpt.latest_step
-  assert saved is not None and saved >= 3
-  assert saved == _steps_logged(workdir)[-1]  # Saved exactly where it stopped.
-  # The next run resumes from that step and continues with the next one.
+  assert saved is not None and saved >= after, (sig, saved)
+  assert saved == _steps_logged(workdir)[-1], sig  # Saved exactly where it stopped.
+  return saved, err.decode()
+
+
+def test_signals_checkpoint_exit_cleanly_and_resume(data_dir, tmp_path):
+  """Preemption (SIGTERM) and Ctrl-C (SIGINT) both save the step reached and exit 0; the run
+  resumed after each continues with the next step."""
+  workdir = str(tmp_path / 'preempt')
+  saved, _ = _stop_with(signal.SIGTERM, data_dir, workdir, after=3)
+  again, err = _stop_with(signal.SIGINT, data_dir, workdir, after=saved + 2)
+  assert f'resumed from step {saved}' in err
+  assert _steps_logged(workdir)[saved : saved + 2] == [saved + 1, saved + 2]
   done = subprocess.run(
-    _main_cmd(data_dir, workdir, f'--config.train.num_steps={saved + 2}'),
+    _main_cmd(data_dir, workdir, f'--config.train.num_steps={again + 2}'),
     env=subprocess_env(),
     capture_output=True,
     timeout=300,
   )
   assert done.returncode == 0, done.stderr.decode()[-3000:]
-  assert f'resumed from step {saved}' in done.stderr.decode()
-  assert _steps_logged(workdir)[-2:] == [saved + 1, saved + 2]
+  assert f'resumed from step {again}' in done.stderr.decode()
+  assert _steps_logged(workdir)[-2:] == [again + 1, again + 2]
 
 
 def test_demo_command_leaves_checkpoints_logs_and_pngs(tmp_path):
