@@ -197,6 +197,8 @@ def get_base_config() -> mlc.ConfigDict:
   c.train.num_epochs = 10
   c.train.num_steps = 0  # > 0 overrides num_epochs.
   c.train.log_every_steps = 50
+  # Reconstruction grids (workdir/images) at step 0, every this many steps and at the end; 0:
+  # none. Held-out scenes (eval.num_heldout) are scored at these steps, and at the end.
   c.train.image_every_steps = 1000
   c.train.ckpt_every_steps = 1000
   c.train.keep_ckpts = 3

@@ -144,6 +144,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path
     ({'train.num_steps': -1}, r'train.num_steps must be >= 0'),
     # Epoch mode with a batch larger than the dataset used to train 0 steps and exit 0.
     ({'train.num_steps': 0, 'train.batch_size': 64}, r'is 0 steps'),
+    ({'train.image_every_steps': -1}, r'image_every_steps must be .* or 0 for no image grids'),
+    ({'train.log_every_steps': 0}, r'train.log_every_steps must be a positive number'),
   ],
 )
 def test_impossible_configs_are_refused(data_dir, tmp_path, overrides, message):
@@ -188,7 +190,8 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
 
 def test_init_from_dinov2_checkpoint_and_a_frozen_group(data_dir, tmp_path):
   """The student starts from the loaded weights and the teacher is those same weights; with
-  the backbone's learning rate at 0 it stays at them, bit for bit, while the decoder moves."""
+  the backbone's learning rate at 0 it stays at them, bit for bit, while the decoder moves.
+  Without image grids (tiny.py), held-out scenes are still scored at the end."""
   from triplane3d.models import vit
 
   model = vit.create('vit_tiny14')
@@ -196,9 +199,8 @@ def test_init_from_dinov2_checkpoint_and_a_frozen_group(data_dir, tmp_path):
   path = str(tmp_path / 'dinov2_tiny.safetensors')
   convert.save_dinov2(weights, path)
   frozen = (('backbone/.*', 0.0), ('.*', 1.0))  # Keep the backbone at the loaded weights.
-  config = tiny_config(
-    data_dir, **{'model.init_from': path, 'train.num_steps': 1, 'optim.lr_mults': frozen}
-  )
+  over = {'train.num_steps': 1, 'optim.lr_mults': frozen, 'eval.num_heldout': 2}
+  config = tiny_config(data_dir, **{'model.init_from': path, **over})
   workdir = tmp_path / 'init'
   result = train.run(config, str(workdir))
   for a, b in zip(
@@ -222,6 +224,8 @@ def test_init_from_dinov2_checkpoint_and_a_frozen_group(data_dir, tmp_path):
   # with XLA:CPU's older fusion emitters, exactly 0 with the new ones). A teacher other than the
   # loaded weights gives ~1e-1 (the tiny runs' dist after a step).
   assert abs(json.loads(line)['dist']) < 1e-12
+  assert json.loads(line)['heldout/psnr'] == result['heldout']['psnr'] > 0
+  assert result['images'] == [] and not list(workdir.glob('images/*'))
 
 
 def _umask() -> int:
@@ -252,6 +256,8 @@ def finished(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp('finished') / 'run'
   result = train.run(_fsdp_config(data_dir), str(workdir))
   assert result['step'] == 4 and sorted(result['losses']) == [1, 2, 3, 4]
+  # train.image_every_steps = 0 (tiny.py): no grids drawn.
+  assert result['images'] == [] and not list(workdir.glob('images/*'))
   params = [np.asarray(x) for x in jax.tree.leaves(result['state']['params'])]
   return Finished(workdir, result['losses'], params)
 

@@ -29,7 +29,7 @@ def tiny_config(data_dir: str, **overrides):
   c.train.batch_size = 8
   c.train.num_steps = 4
   c.train.log_every_steps = 1
-  c.train.image_every_steps = 1000
+  c.train.image_every_steps = 0  # No grids: each run would compile a render program for them.
   c.train.ckpt_every_steps = 2
   c.mesh.data = -1
   c.mesh.fsdp = 1

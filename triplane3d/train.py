@@ -274,11 +274,16 @@ def jit_train_step(setup: Setup, config: mlc.ConfigDict, key: jax.Array):
 
 
 def _check_intervals(config: mlc.ConfigDict) -> None:
-  for name in ('log_every_steps', 'image_every_steps', 'ckpt_every_steps'):
+  for name in ('log_every_steps', 'ckpt_every_steps'):
     if config.train[name] <= 0:
       raise ValueError(
         f'train.{name} must be a positive number of steps, got {config.train[name]}.'
       )
+  if config.train.image_every_steps < 0:
+    raise ValueError(
+      'train.image_every_steps must be a positive number of steps, or 0 for no image grids; '
+      f'got {config.train.image_every_steps}.'
+    )
   if config.train.keep_ckpts < 1:
     # 0 would delete every checkpoint, the one just written and those of a reused workdir.
     raise ValueError(
@@ -342,7 +347,7 @@ def run(config: mlc.ConfigDict, workdir: str, *, allow_config_change: bool = Fal
     lambda b: sharding.to_global(b, mesh),
     config.data.device_prefetch,
   )
-  vis = _grid_examples(config, data, mesh, block)
+  vis = _grid_examples(config, data, mesh, block) if config.train.image_every_steps else None
 
   # 3. Model, optimiser, abstract state, shardings; the jitted step.
   setup = build(config, mesh, num_train_steps(config, data))
@@ -592,10 +597,11 @@ def _loop(
 ) -> dict:
   """Steps from `start` to `setup.num_steps`: log, draw, checkpoint, stop on preemption or NaN.
 
-  `step_fn(state, batch) -> (state, metrics)`. With held-out scenes (`eval.num_heldout`),
-  they are rendered at every image step after the first and at the end; their numbers are
-  printed and join that step's line of metrics.jsonl as `heldout/<name>` (each step keeps
-  one line); the last ones go into the result.
+  `step_fn(state, batch) -> (state, metrics)`. Image grids are drawn at step 0 of a new run,
+  every `train.image_every_steps` and at the end (never with 0). With held-out scenes
+  (`eval.num_heldout`), they are rendered at every image step after the first and at the
+  end; their numbers are printed and join that step's line of metrics.jsonl as
+  `heldout/<name>` (each step keeps one line); the last ones go into the result.
   """
   train_cfg, ctx = config.train, context
   result = {'step': start, 'losses': {}, 'preempted': False, 'images': []}
@@ -608,8 +614,9 @@ def _loop(
     if path:
       result['images'].append(path)
 
+  every = train_cfg.image_every_steps  # 0: no grids (each costs a render program's compile).
   try:
-    if start == 0:
+    if start == 0 and every:
       draw(0)
     meter.restart_clock()
     step = start
@@ -620,8 +627,8 @@ def _loop(
       meter.add(step, metrics, first=step == start + 1)
       stop = ctx.guard.should_stop(step)
       last = step == setup.num_steps
-      image_step = step % train_cfg.image_every_steps == 0 or last
-      evaluate = ctx.renders.evaluates and image_step
+      image_step = bool(every) and (step % every == 0 or last)
+      evaluate = ctx.renders.evaluates and (image_step or last)
       if step % train_cfg.log_every_steps == 0 or last or stop or evaluate:
         means = meter.window(train_cfg.batch_size)
         heldout = {}
