@@ -32,10 +32,7 @@ def _setup(config, devices):
   setup = train.build(config, mesh, config.train.num_steps)
   assert setup.use_teacher
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)(k_init)
-  teacher = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=setup.teacher_shardings)(
-    state['params']['backbone']
-  )
+  state, teacher = train.initial_state(setup, config, k_init)  # The trainer's own fresh start.
   step = train.jit_train_step(setup, config, k_train)
   batch = sharding.to_global(next(pipeline.create(config, pipeline.prepare(config))), mesh)
   return mesh, state, teacher, step, batch
