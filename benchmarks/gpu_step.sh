@@ -8,30 +8,32 @@
 #
 # A setting is NAME:--config.x=y;--flag=v (';'-separated benchmark flags, as commas occur inside
 # tuple values, on top of per-device batch 64; a later flag wins, so '--steps=3' shortens one
-# setting). Without arguments, the two settings that matter next (issue 13):
+# setting). Without arguments, the baseline and the fastest step measured so far (issue 13):
 #   default     the paper step as configs/vitb.py sets it, with the GPU defaults (render.gpu_chunk:
 #               4 whole images per rematerialised render step; 'auto' taps fused in both
-#               passes): 0.592 s, 3.31 % MFU on an H100 (jax 0.11.2, 2026-11-27), the baseline;
-#   pallas_noremat  the lookup and the point MLP in one Pallas/Triton kernel
-#               (render.lookup='pallas', render/fused.py; float32; not yet run on a GPU) and no
-#               rematerialised render steps (render.chunk=0 and gpu_chunk=0: every ray of the
-#               batch at once), which the kernel's small residuals allow: compiled for an H100
-#               on a CPU, 2 234 kernels and 32.06 GiB of the 59 JAX takes (without the kernel:
-#               74.81, does not fit); no recomputed renderer forward (~100 ms in the profile).
-# Also useful: 'pallas:--config.render.lookup=pallas' (the kernel with the default remat: 3 737
-# kernels, 10.82 GiB against the default's 4 500 and 13.80, compiled on a CPU),
-# 'mlp_bf16:--config.render.mlp_dtype=bfloat16' (0.488 s, 4.02 %), 'lax_sort:--config.render.sort=sort'
-# (samples merged by jax.lax.sort, as before render.sort='rank'; the sort was 27 ms of 0.592 s),
+#               passes; render.sort 'auto', i.e. jax.lax.sort on GPUs): 0.592 s, 3.31 % MFU on
+#               an H100 (jax 0.11.2, 2026-11-27, session 12), the baseline;
+#   mlp_bf16    the same with the point MLP in bfloat16: 0.488 s, 4.02 % (session 12).
+# Also: 'rank:--config.render.sort=rank' (the comparison merge, the default after session 12's
+# GPU run until session 18: its compile did not end within 260 s on an H100 in session 18, 336 s
+# compiled for one on a CPU against 93 s with the sort: give it LIMIT ≥ 450 alone),
+# 'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0'
+# and 'pallas:--config.render.lookup=pallas' (the lookup and the point MLP in one Pallas/Triton
+# kernel, render/fused.py, without and with the render remat: the kernel alone was 4.6× slower
+# than XLA's lookup + MLP on an H100 in session 18, LOOKUP=1 below; steps not timed),
 # 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
 # the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
 # LOOKUP=1 first times the lookup + point MLP alone, 'xla' against 'pallas' at one GPU chunk's
-# 4.2 M points (benchmarks/lookup_mlp.py; at most 150 s, its lines go to run.log).
+# 4.2 M points (benchmarks/lookup_mlp.py; ~30 s of the 150 s it may take, lines in run.log).
 # PROFILE=1 traces 2 more steps per setting (`--profile`): the JSON gets 'device_time' (busy
 # time by model part, the top ops) and the trace comes back as $OUT/NAME.xplane.pb.
 # Each setting compiles afresh: the reference took ~160 s on an H100 (jax 0.11.2): compile 75 s,
-# 13 steps 22 s, the rest start-up and initialisation. So LIMIT (seconds per setting) must stay
-# above ~170, and the settings' LIMITs (and LOOKUP's 150 s) together below the device's 600 s
-# per command: the script refuses more than 580 s (BUDGET) rather than lose the last setting. A setting
+# 13 steps 22 s, the rest start-up and initialisation (53 s to the initialised state, batch
+# and teacher in session 18). The benchmark reports each phase on stderr as it ends (lines
+# 'benchmark: ...', shown below), so a setting stopped at its LIMIT still says how far it got.
+# LIMIT (seconds per setting) must stay above ~170, and the settings' LIMITs (and LOOKUP's 150
+# s) together below the device's 600 s per command: the script refuses more than 580 s
+# (BUDGET) rather than lose the last setting. A setting
 # that fails or runs out of time is reported (all output goes to $OUT/run.log), and the next one
 # runs. Everything lands in at most 2 + 2 × settings files (the device returns 8).
 set -u
@@ -49,8 +51,7 @@ export PYTHONUNBUFFERED=1
 
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=('default:'
-    'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0')
+  settings=('default:' 'mlp_bf16:--config.render.mlp_dtype=bfloat16')
 if [ $((LOOKUP * 150 + ${#settings[@]} * LIMIT)) -gt "$BUDGET" ]; then
   echo "LOOKUP=$LOOKUP and ${#settings[@]} settings × LIMIT=$LIMIT s exceed BUDGET=$BUDGET s" \
     "(the device stops a command at 600 s): run fewer settings per call." && exit 2
@@ -86,7 +87,7 @@ for setting in "${settings[@]}"; do
   timeout -k 15 "$LIMIT" python3 -m triplane3d.benchmark --config=configs/vitb.py --steps="$STEPS" \
     --warmup=3 --json="$OUT/$name.json" --config.train.batch_size=64 "${profile[@]}" \
     "${overrides[@]}" 2>&1 | tee -a "$OUT/run.log" |
-    grep -E "^(compile_s|step_s_median|images_per_s |mfu|kernel_launches_per_step|memory_peak_bytes) |^profile: |Error|error:"
+    grep -E "^(compile_s|step_s_median|images_per_s |mfu|kernel_launches_per_step|memory_peak_bytes) |^(benchmark|profile): |Error|error:"
   echo "rc ${PIPESTATUS[0]} ($(date +%T))" | tee -a "$OUT/run.log"
   if [ "$PROFILE" = 1 ]; then  # The trace, flat (the device returns files 2 folders down).
     find "$OUT/$name.prof" -name '*.xplane.pb' -exec mv {} "$OUT/$name.xplane.pb" \; 2>/dev/null

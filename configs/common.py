@@ -91,11 +91,13 @@ def get_base_config() -> mlc.ConfigDict:
   # forward, a loop over taps backward; a loop on TPU), 'fused' or 'loop' (render/planes.py).
   c.render.taps = 'auto'
   # 'xla', or 'pallas': the lookup and the point MLP as one Triton kernel on GPUs (interpreted,
-  # slowly, elsewhere; render/fused.py). Not yet timed on a GPU: benchmarks/gpu_step.sh.
+  # slowly, elsewhere; render/fused.py). On an H100 4.6× slower than 'xla' (docs/performance.md).
   c.render.lookup = 'xla'
   # How coarse and fine samples are merged by depth: 'rank' (comparisons and selects, no sort
-  # kernel) or 'sort' (jax.lax.sort); the same numbers (render/sampling.py).
-  c.render.sort = 'rank'
+  # kernel), 'sort' (jax.lax.sort), or 'auto': the sort on GPUs, where XLA compiles 'rank'
+  # very slowly (the ViT-B/14 step for an H100: 336 s against 93 s), 'rank' elsewhere (the
+  # CPU demo step ~5 % faster). The same numbers (render/renderer.py, `_co_sort`).
+  c.render.sort = 'auto'
 
   # The one camera (see triplane3d/render/camera.py for the conventions).
   c.camera = mlc.ConfigDict()

@@ -31,12 +31,20 @@ def _run(tmp_path, *args):
   cmd += [f'--config.{k}={v}' for k, v in TINY.items()] + list(args)
   proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(out.read_text()), proc.stdout
+  return json.loads(out.read_text()), proc
 
 
 def test_step_benchmark_writes_its_json(tmp_path):
-  r, stdout = _run(tmp_path, '--steps=3', '--warmup=1')
-  assert 'images_per_s' in stdout and 'mfu' in stdout  # The readable table.
+  r, proc = _run(tmp_path, '--steps=3', '--warmup=1')
+  assert 'images_per_s' in proc.stdout and 'mfu' in proc.stdout  # The readable table.
+  # Each phase is reported on stderr as it ends (a run stopped by a time limit says how far
+  # it got): the compile with the time the JSON records.
+  progress = [x for x in proc.stderr.splitlines() if x.startswith('benchmark: ')]
+  assert [x.split(' (')[0] for x in progress] == [
+    'benchmark: state, teacher and batch ready',
+    f'benchmark: step compiled in {r["compile_s"]:.1f} s',
+    f'benchmark: 1 + 3 steps run, median {r["step_s_median"]:.4f} s',
+  ]
   assert (r['mode'], r['platform'], r['devices'], r['global_batch']) == ('step', 'cpu', 8, 8)
   assert len(r['step_s']) == 3 and r['step_s_median'] == sorted(r['step_s'])[1]
   for key in (
@@ -58,20 +66,21 @@ def test_step_benchmark_writes_its_json(tmp_path):
 
 def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
   prof = tmp_path / 'prof'
-  r, stdout = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15', f'--profile={prof}')
+  r, proc = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15', f'--profile={prof}')
   assert r['peak_flops_per_device'] == 1e15 and r['peak_source'] == '--peak_flops'
   # The trace is written; CPU programs leave no device plane, so no kernels are attributed
   # (tests/test_device_time.py checks the summary on a device plane).
   t = r['device_time']
   assert Path(t['trace']).is_file() and str(t['trace']).startswith(str(prof))
-  assert t['kernels_per_step'] == 0 and 'profile: trace' in stdout
+  assert t['kernels_per_step'] == 0 and 'profile: trace' in proc.stdout
+  assert 'benchmark: 2 steps traced and summarised' in proc.stderr
 
 
 def test_data_mode_times_the_pipeline_per_worker_count(tmp_path):
-  r, stdout = _run(tmp_path, '--mode=data', '--workers=0,1', '--steps=2')
+  r, proc = _run(tmp_path, '--mode=data', '--workers=0,1', '--steps=2')
   assert r['mode'] == 'data' and set(r['images_per_s_per_host']) == {'0', '1'}
   assert all(v > 0 for v in r['images_per_s_per_host'].values())
-  assert '1 workers' in stdout
+  assert '1 workers' in proc.stdout
 
 
 def test_loop_bodies_count_trip_count_times():

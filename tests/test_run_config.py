@@ -64,10 +64,12 @@ def _stored(data_dir, **overrides):
 
 def test_check_resume_refuses_run_changing_fields_and_allows_the_rest(tmp_path):
   workdir = str(tmp_path)
-  run_config.write(workdir, _stored('d'))
+  # Stored with render.sort='rank', the default before 'auto' (a run of an older version).
+  run_config.write(workdir, _stored('d', **{'render.sort': 'rank'}))
   allowed = _stored('elsewhere', **{
     'train.num_steps': 100, 'train.log_every_steps': 7, 'mesh.fsdp': 2, 'render.chunk': 8,
   })  # fmt: skip
+  assert allowed.render.sort == 'auto'
   allowed.workdir = workdir
   run_config.check_resume(workdir, allowed, resuming=True)
   assert run_config.read(workdir).train.num_steps == 100  # The new config is stored.

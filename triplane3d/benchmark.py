@@ -43,6 +43,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from typing import Any
@@ -374,6 +375,12 @@ def step_benchmark(
   from triplane3d import train
   from triplane3d.models.prior3d import unbox
 
+  # Progress on stderr as it happens: a run stopped by a time limit (a lent GPU's) still says
+  # how far it got and how long each phase took.
+  begin = time.perf_counter()
+  progress = lambda what: print(  # noqa: E731
+    f'benchmark: {what} ({time.perf_counter() - begin:.1f} s)', file=sys.stderr, flush=True
+  )
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   setup = train.build(config, mesh, max(config.train.num_steps, warmup + steps))
@@ -384,10 +391,13 @@ def step_benchmark(
     init = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
     teacher = jax.jit(init, out_shardings=setup.teacher_shardings)(k_init)
   batch = synthetic_batch(config, mesh)
+  jax.block_until_ready((state, teacher, batch))
+  progress('state, teacher and batch ready')
 
   start = time.perf_counter()
   compiled = train.jit_train_step(setup, config, k_train).lower(state, teacher, batch).compile()
   compile_s = time.perf_counter() - start
+  progress(f'step compiled in {compile_s:.1f} s')
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -395,6 +405,7 @@ def step_benchmark(
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
+  progress(f'{warmup} + {steps} steps run, median {statistics.median(times):.4f} s')
   text = compiled.as_text()
   traced = None
   if profile:
@@ -405,6 +416,7 @@ def step_benchmark(
       jax.block_until_ready((carry[0], metrics))
 
     traced = device_time.trace_steps(run_step, profile, profile_steps, text)
+    progress(f'{profile_steps} steps traced and summarised')
 
   devices = mesh.devices.size
   step_s = statistics.median(times)

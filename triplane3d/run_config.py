@@ -49,6 +49,9 @@ RESUMABLE = frozenset({
   'render.gpu_chunk',
   'render.taps',  # How the lookup's 12 taps are summed: float summation order only.
   'render.lookup',  # The same lookup and point MLP in one kernel: summation order only.
+  # The same merge by depth ('rank' or a sort kernel): runs saved with the old default 'rank'
+  # resume under 'auto'.
+  'render.sort',
   # Micro-batches of the same global batch: each image draws the same rays whatever k (the
   # rays are keyed per image), so only the float summation order changes.
   'train.accum_steps',

@@ -446,3 +446,31 @@ def test_rendered_depth_stays_in_the_scene_range():
   cam = OPTS.camera
   assert cam.sample_range[0] < cam.near and cam.sample_range[1] > cam.far
   assert float(out.depth.min()) >= cam.near and float(out.depth.max()) <= cam.far
+
+
+def test_sort_auto_is_the_sort_on_gpus_and_rank_elsewhere():
+  # XLA:GPU compiles the rank merge very slowly (docs/performance.md, session 18): 'auto'
+  # lowers to jax.lax.sort for GPUs and to the comparisons elsewhere, and every merge renders
+  # the same values and gradients.
+  scenes = [make_scene(s) for s in (8, 9)]
+  planes_b = jnp.stack([p for p, _ in scenes])
+  params, keys = scenes[0][1], jax.random.split(jax.random.key(5), 2)
+  by = {how: dataclasses.replace(OPTS, sort=how) for how in ('auto', 'rank', 'sort')}
+
+  def sorts(how, platform):
+    fn = lambda *a: batch_loss_value(by[how], *a)  # noqa: E731
+    exported = jax.export.export(jax.jit(fn), platforms=(platform,))(planes_b, params, keys)
+    return exported.mlir_module().count('stablehlo.sort')
+
+  assert sorts('sort', 'cuda') > 0 and sorts('rank', 'cuda') == 0
+  for platform, want in (('cuda', 'sort'), ('rocm', 'sort'), ('tpu', 'rank'), ('cpu', 'rank')):
+    assert sorts('auto', platform) == sorts(want, platform), platform
+  (_, want), want_grad = batch_loss(render_batch, by['sort'])(planes_b, params, keys)
+  for how in ('auto', 'rank'):
+    (_, got), got_grad = batch_loss(render_batch, by[how])(planes_b, params, keys)
+    for name in ('rgb', 'depth', 'opacity', 'densities'):
+      np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-6, atol=1e-7)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match=r"render\.sort must be one of \('auto', 'rank', 'sort'\)"):
+    RenderOptions(sort='bitonic')

@@ -37,6 +37,7 @@ from triplane3d.render.pdf import sample_pdf
 from triplane3d.render.planes import TAPS, sample_planes_mean
 from triplane3d.render.sampling import importance_bins, sort_by_depth, stratified_depths
 
+SORTS = ('auto', 'rank', 'sort')
 DecodeFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
@@ -65,7 +66,8 @@ class RenderOptions:
       in one kernel (fused.py; Triton on GPUs, interpreted elsewhere — for tests only), which
       computes `point_mlp`'s float32 outputs from `mlp_params` and does not call `decode_fn`.
     sort: how coarse and fine samples are merged by depth: 'rank' (`sampling.sort_by_depth`,
-      comparisons only) or 'sort' (`jax.lax.sort`); the same numbers.
+      comparisons only), 'sort' (`jax.lax.sort`) or 'auto' (the sort on GPUs, 'rank'
+      elsewhere: `_co_sort`); the same numbers.
     camera: the fixed camera (sample range, box and rays come from it).
   """
 
@@ -81,7 +83,7 @@ class RenderOptions:
   pdf_search: str = 'mask'
   taps: str = 'auto'
   lookup: str = 'xla'
-  sort: str = 'rank'
+  sort: str = 'auto'
   camera: Camera = dataclasses.field(default_factory=Camera)
 
   def __post_init__(self):
@@ -101,8 +103,8 @@ class RenderOptions:
       raise ValueError(f'render.taps must be one of {TAPS}, got {self.taps!r}.')
     if self.lookup not in LOOKUPS:
       raise ValueError(f'render.lookup must be one of {LOOKUPS}, got {self.lookup!r}.')
-    if self.sort not in ('rank', 'sort'):
-      raise ValueError(f"render.sort must be 'rank' or 'sort', got {self.sort!r}.")
+    if self.sort not in SORTS:
+      raise ValueError(f'render.sort must be one of {SORTS}, got {self.sort!r}.')
     if self.chunk < 0:
       raise ValueError(f'render.chunk must be >= 0 (0: all rays at once), got {self.chunk}.')
     if self.gpu_chunk < 0:
@@ -136,7 +138,7 @@ class RenderOptions:
       pdf_search=str(render_cfg.pdf_search),
       taps=str(render_cfg.get('taps', 'auto')),
       lookup=lookup,
-      sort=str(render_cfg.get('sort', 'rank')),
+      sort=str(render_cfg.get('sort', 'auto')),
       camera=camera,
     )
 
@@ -241,14 +243,30 @@ def render_rays(planes, mlp_params, origins_n3, dirs_n3, jitter_nk, u_nk, *, dec
     cat = lambda x, y: jnp.concatenate([x, y], axis=1)  # noqa: E731
     key = cat(depths, fine)
     payloads = (cat(raw, raw_f), *(cat(rgb[..., i], rgb_f[..., i]) for i in range(3)))
-    if options.sort == 'rank':
-      depths, (raw, r, g, b) = sort_by_depth(key, payloads)
-    else:
-      depths, raw, r, g, b = jax.lax.sort((key, *payloads), dimension=1, num_keys=1)
+    depths, (raw, r, g, b) = _co_sort(key, payloads, options.sort)
     rgb = jnp.stack([r, g, b], axis=-1)
   color, depth, weights = raymarch(rgb, raw[..., None], depths[..., None], options.white_background)
   depth = clip_to_scene(depth, cam.near, cam.far)
   return color, depth, jnp.sum(weights, axis=-2), activate_density(raw)
+
+
+def _co_sort(key_nk, payloads, how: str):
+  """`key_nk` sorted along axis 1 and `payloads` (each (n, k)) moved with it, as `how`
+  (`RenderOptions.sort`) says: 'rank' (`sort_by_depth`), 'sort' (`jax.lax.sort`), or 'auto'
+  — `jax.lax.sort` on GPUs, 'rank' elsewhere, chosen when the program is lowered. XLA:GPU
+  compiles the rank merge's (n, k, k) comparisons very slowly: the ViT-B/14 step compiled for
+  an H100 on a CPU took 93 s with the sort and 336 s with 'rank' (docs/performance.md)."""
+
+  def by_rank():
+    return sort_by_depth(key_nk, payloads)
+
+  def by_sort():
+    out = jax.lax.sort((key_nk, *payloads), dimension=1, num_keys=1)
+    return out[0], tuple(out[1:])
+
+  if how == 'auto':
+    return jax.lax.platform_dependent(cuda=by_sort, rocm=by_sort, default=by_rank)
+  return by_rank() if how == 'rank' else by_sort()
 
 
 def clip_to_scene(depth: jax.Array, near: float, far: float) -> jax.Array:
