@@ -373,7 +373,6 @@ def step_benchmark(
   `profile`: a directory to trace `profile_steps` more steps into (`jax.profiler`), summarised
   under 'device_time' (`triplane3d.device_time`)."""
   from triplane3d import train
-  from triplane3d.models.prior3d import unbox
 
   # Progress on stderr as it happens: a run stopped by a time limit (a lent GPU's) still says
   # how far it got and how long each phase took.
@@ -385,11 +384,10 @@ def step_benchmark(
   sharding.check_batch(config.train.batch_size, mesh, jax.process_count())
   setup = train.build(config, mesh, max(config.train.num_steps, warmup + steps))
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
-  state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)(k_init)
-  teacher = {}
-  if setup.use_teacher:  # A random teacher: the same work as DINOv2 weights.
-    init = lambda k: unbox(setup.model.init(k))['backbone']  # noqa: E731
-    teacher = jax.jit(init, out_shardings=setup.teacher_shardings)(k_init)
+  # Random weights (the same work as DINOv2's, without a download): the teacher is a copy of
+  # the initial backbone, as a new run's, not a second initialisation (one compile less).
+  state = train.fresh_state(setup, k_init)
+  teacher = train.teacher_params(setup, k_init, initial_backbone=state['params']['backbone'])
   batch = synthetic_batch(config, mesh)
   jax.block_until_ready((state, teacher, batch))
   progress('state, teacher and batch ready')
