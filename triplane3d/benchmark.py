@@ -403,7 +403,8 @@ def step_benchmark(
     jax.block_until_ready((state, metrics))
     if i >= warmup:
       times.append(time.perf_counter() - start)
-  progress(f'{warmup} + {steps} steps run, median {statistics.median(times):.4f} s')
+  step_s = statistics.median(times)
+  progress(f'{warmup} + {steps} steps run, median {step_s:.4f} s')
   text = compiled.as_text()
   traced = None
   if profile:
@@ -417,7 +418,6 @@ def step_benchmark(
     progress(f'{profile_steps} steps traced and summarised')
 
   devices = mesh.devices.size
-  step_s = statistics.median(times)
   images_per_s = config.train.batch_size / step_s
   analytic = analytic_flops(config)
   xla = xla_flops(compiled)
