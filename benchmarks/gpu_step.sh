@@ -8,19 +8,22 @@
 #
 # A setting is NAME:--config.x=y;--flag=v (';'-separated benchmark flags, as commas occur inside
 # tuple values, on top of per-device batch 64; a later flag wins, so '--steps=3' shortens one
-# setting). Without arguments, the baseline and the fastest step measured so far (issue 13):
+# setting). Without arguments, the paper step and the same step with a float32 point MLP:
 #   default     the paper step as configs/vitb.py sets it, with the GPU defaults (render.gpu_chunk:
 #               4 whole images per rematerialised render step; 'auto' taps fused in both
-#               passes; render.sort 'auto', i.e. jax.lax.sort on GPUs): 0.592 s, 3.31 % MFU on
-#               an H100 (jax 0.11.2, 2026-11-27, session 12), the baseline;
-#   mlp_bf16    the same with the point MLP in bfloat16: 0.488 s, 4.02 % (session 12).
+#               passes; render.sort 'auto', i.e. jax.lax.sort on GPUs; the point MLP in
+#               bfloat16 since session 19): 0.488 s, 4.02 % MFU on an H100 (jax 0.11.2,
+#               2026-11-27, session 12, then named mlp_bf16);
+#   mlp_f32     the same with the point MLP in float32 (the default until session 19): 0.592 s,
+#               3.31 % (session 12).
 # Also: 'rank:--config.render.sort=rank' (the comparison merge, the default after session 12's
 # GPU run until session 18: its compile did not end within 260 s on an H100 in session 18, 336 s
 # compiled for one on a CPU against 93 s with the sort: give it LIMIT ≥ 450 alone),
-# 'pallas_noremat:--config.render.lookup=pallas;--config.render.chunk=0;--config.render.gpu_chunk=0'
-# and 'pallas:--config.render.lookup=pallas' (the lookup and the point MLP in one Pallas/Triton
-# kernel, render/fused.py, without and with the render remat: the kernel alone was 4.6× slower
-# than XLA's lookup + MLP on an H100 in session 18, LOOKUP=1 below; steps not timed),
+# 'pallas:--config.render.lookup=pallas;--config.render.mlp_dtype=float32' and the same with
+# ';--config.render.chunk=0;--config.render.gpu_chunk=0' as 'pallas_noremat' (the lookup and
+# the point MLP in one float32 Pallas/Triton kernel, render/fused.py, with and without the
+# render remat: the kernel alone was 4.6× slower than XLA's lookup + MLP on an H100 in session
+# 18, LOOKUP=1 below; steps not timed),
 # 'tpu_shaped:--config.render.gpu_chunk=0;--config.render.taps=loop;--steps=3',
 # the step as GPUs ran it before (render.chunk=4096, taps in loops): ~368 000 kernels, 1.563 s.
 # LOOKUP=1 first times the lookup + point MLP alone, 'xla' against 'pallas' at one GPU chunk's
@@ -52,7 +55,7 @@ export PYTHONUNBUFFERED=1
 
 settings=("$@")
 [ ${#settings[@]} -gt 0 ] ||
-  settings=('default:' 'mlp_bf16:--config.render.mlp_dtype=bfloat16')
+  settings=('default:' 'mlp_f32:--config.render.mlp_dtype=float32')
 if [ $((LOOKUP * 150 + ${#settings[@]} * LIMIT)) -gt "$BUDGET" ]; then
   echo "LOOKUP=$LOOKUP and ${#settings[@]} settings × LIMIT=$LIMIT s exceed BUDGET=$BUDGET s" \
     "(the device stops a command at 600 s): run fewer settings per call." && exit 2

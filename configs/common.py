@@ -73,9 +73,11 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.white_background = False
   c.render.mlp_hidden = 64
   # Computation dtype of the point MLP's two matmuls and its hidden activations (outputs and
-  # marching stay float32). 'bfloat16' halves the bytes of the per-sample activations: the
-  # ViT-B/14 step on an H100 0.59 → 0.49 s (docs/performance.md); the CPU demo step is unchanged.
-  c.render.mlp_dtype = 'float32'
+  # marching stay float32; 'float32' is EG3D's decoder). bfloat16 halves the bytes of the
+  # per-sample activations: the ViT-B/14 step on an H100 0.592 → 0.488 s, 15.7 → 13.4 GB; v5e
+  # 128/chip unchanged (14.03 GiB of temporaries). The demo at 3 seeds and 6 one-scene fits
+  # reconstruct as well as in float32 (docs/performance.md, "The point MLP in bfloat16").
+  c.render.mlp_dtype = 'bfloat16'
   # Rays per rematerialised chunk, per device whatever its batch (render.render_batch): 146 MiB
   # of temporaries for fwd+bwd of a 256² image at 16 + 16 samples and C = 32 (8192: 272 MiB);
   # 0 renders all rays of all images at once (2 GiB per image).
@@ -92,6 +94,7 @@ def get_base_config() -> mlc.ConfigDict:
   c.render.taps = 'auto'
   # 'xla', or 'pallas': the lookup and the point MLP as one Triton kernel on GPUs (interpreted,
   # slowly, elsewhere; render/fused.py). On an H100 4.6× slower than 'xla' (docs/performance.md).
+  # The kernel computes in float32: with it, set render.mlp_dtype='float32'.
   c.render.lookup = 'xla'
   # How coarse and fine samples are merged by depth: 'rank' (comparisons and selects, no sort
   # kernel), 'sort' (jax.lax.sort), or 'auto': the sort on GPUs, where XLA compiles 'rank'

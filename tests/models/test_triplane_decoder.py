@@ -199,10 +199,8 @@ def test_point_mlp_module_equals_pure_function_and_numpy():
 
 def test_point_mlp_in_bfloat16_computes_in_bfloat16_and_returns_float32():
   feats = jnp.asarray(np.random.default_rng(3).normal(size=(64, 8)) * 3, jnp.float32)
-  cfg = demo.get_config().render
-  assert PointMLP.from_config(cfg).dtype == jnp.float32  # The default.
-  cfg.mlp_dtype = 'bfloat16'
-  module = PointMLP.from_config(cfg)
+  assert PointMLP.from_config(demo.get_config().render).dtype == jnp.float32  # The demo's.
+  module = PointMLP.from_config(common.get_base_config().render)  # The paper configs'.
   assert module.dtype == jnp.bfloat16
   variables = module.init(jax.random.PRNGKey(0), feats[:1])
   rgb, raw = module.apply(variables, feats)

@@ -83,8 +83,8 @@ class PointMLP(nn.Module):
   """C → hidden → softplus → 1 + 3. Input (n, C); returns `point_mlp`'s (rgb, raw_sigma).
 
   Its `params` collection is exactly the pytree `point_mlp` takes. It computes in `dtype`
-  (render.mlp_dtype: float32 by default, as the renderer that calls it, whatever
-  `decoder.dtype`: densities feed exp() in the marcher); its outputs are float32 either way.
+  (render.mlp_dtype, whatever `decoder.dtype`: bfloat16 in the paper configs, float32 in the
+  demo and EG3D); its outputs are float32 either way (densities feed exp() in the marcher).
   """
 
   hidden: int = 64
