@@ -14,7 +14,7 @@ the triplane decoder in plain `torch.nn`, EG3D's renderer equations (ray samplin
 `grid_sample` triplane lookup, OSG point MLP, MipRayMarcher2 compositing, sample_pdf importance
 sampling), the paper's loss and `torch.optim.Adam`. Eager mode, default layouts, no fusing:
 a benchmark, not a port. Sizes come from the same config schema as the JAX step, so both sides
-run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `decoder.dtype`,
+run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `decoder.dtype`, `render.mlp_dtype`,
 `model.remat=False`) to the JAX run; this script always runs float32.
 
 Measured on the shared 2-core CPU (load 4.5–12 from other jobs), ViT-S/14 at the sizes above
@@ -354,7 +354,7 @@ def time_steps(config, steps: int, warmup: int) -> dict:
 # --- A/B comparison: fresh processes, alternating, so drift hits both sides alike. ---
 
 JAX_FLOAT32 = ['--config.model.dtype=float32', '--config.decoder.dtype=float32']
-JAX_FLOAT32 += ['--config.model.remat=False']
+JAX_FLOAT32 += ['--config.render.mlp_dtype=float32', '--config.model.remat=False']
 
 
 def compare(argv: list[str], rounds: int, steps: int, warmup: int) -> dict:

@@ -103,3 +103,23 @@ def test_renderer_equals_triplane3d_render(tb):
   depth = np.asarray(ref[1])
   assert np.std(np.asarray(ref[0])) > 0.01 and np.ptp(depth) > 0.05
   assert 0.05 < float(np.mean(np.asarray(ref[2]))) < 0.99
+
+
+def test_compare_runs_the_jax_step_in_float32_everywhere(tb):
+  """Every computation dtype of the paper config is float32 under `--compare`'s JAX flags, as
+  in the torch step (a dtype field added to the config later fails here until it is listed)."""
+  from triplane3d import run_config
+  from triplane3d.configs import vits
+
+  flags = dict(f.removeprefix('--config.').split('=', 1) for f in tb.JAX_FLOAT32)
+  flags = {k: {'False': False, 'True': True}.get(v, v) for k, v in flags.items()}
+  config = run_config.apply_overrides(vits.get_config(), flags)
+  dtypes = {
+    f'{section}.{k}': v
+    for section, fields in config.items()
+    if hasattr(fields, 'items')
+    for k, v in fields.items()
+    if k.endswith('dtype')
+  }
+  assert dtypes and set(dtypes.values()) == {'float32'}, dtypes
+  assert config.model.remat is False
