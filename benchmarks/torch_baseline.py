@@ -17,9 +17,11 @@ a benchmark, not a port. Sizes come from the same config schema as the JAX step,
 run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `decoder.dtype`, `render.mlp_dtype`,
 `model.remat=False`) to the JAX run; this script always runs float32.
 
-Measured on the shared 2-core CPU (load 4.5–12 from other jobs), ViT-S/14 at the sizes above
-(265 GFLOP per step, analytic): JAX 7.24 s per step, torch 13.0 s, torch / JAX 1.89× (median of
-6 A/B pairs, 1.42–3.65×); details and the % of matmul peak in docs/performance.md.
+Measured on the 2-core CPU with no other jobs (session 19), ViT-S/14 at the sizes above (265
+GFLOP per step, analytic): JAX 1.32 s per step (40 % of its measured matmul peak), torch 1.42 s,
+torch / JAX 1.06× (median of 3 A/B pairs, 1.04–1.08×). Under load from other jobs (earlier
+sessions) the ratio read 1.4–4.6×: load slows the eager PyTorch step most. Details in
+docs/performance.md.
 """
 
 from __future__ import annotations
