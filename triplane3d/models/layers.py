@@ -7,6 +7,8 @@ output channels, 'conv_in' conv input channels, 'spatial' kernel spatial axes.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -44,13 +46,70 @@ def layer_norm(name, dtype):
   )
 
 
+# XLA:CPU computes a convolution's kernel gradient over a large batch far below its matmul
+# rate: for the ViT-S/14 decoder's last 3×3 conv (6 planes of 128² × 128 → 64) 208 ms, against
+# 95 ms as a sum over one plane at a time; the same sum is no slower at the smaller layers
+# (docs/performance.md, "CPU: JAX vs a straightforward PyTorch step"). So on CPU the kernel
+# gradient is summed over slices of the batch of at most this many input bytes (at least one
+# image, at most MAX_SLICES slices); elsewhere it is one convolution, as XLA derives it.
+CPU_FILTER_GRAD_BYTES = 4 * 2**20
+MAX_SLICES = 16
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
+  """`jax.lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)` signature) whose
+  kernel gradient on CPU is summed over slices of the batch (`CPU_FILTER_GRAD_BYTES`). The same
+  values and gradients up to float summation order."""
+  op = functools.partial(jax.lax.conv_general_dilated, **kwargs)
+  op = functools.partial(op, window_strides=window_strides, padding=padding)
+  if kwargs.get('batch_group_count', 1) != 1:  # The batch is then not summed over.
+    return op(lhs, rhs)
+  return _sliced_filter_grad(op, lhs, rhs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sliced_filter_grad(op, lhs, rhs):
+  return op(lhs, rhs)
+
+
+def _sliced_filter_grad_fwd(op, lhs, rhs):
+  return op(lhs, rhs), (lhs, rhs)
+
+
+def _sliced_filter_grad_bwd(op, residuals, g):
+  lhs, rhs = residuals
+  dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, op.keywords.get('dimension_numbers'))
+  lhs_batch, out_batch = dn.lhs_spec[0], dn.out_spec[0]
+
+  def whole(lhs, g):
+    return jax.vjp(lambda w: op(lhs, w), rhs)[1](g)[0]
+
+  def sliced(lhs, g):
+    n = lhs.shape[lhs_batch]
+    image_bytes = lhs.size // n * lhs.dtype.itemsize
+    per = max(1, CPU_FILTER_GRAD_BYTES // image_bytes, math.ceil(n / MAX_SLICES))
+    if per >= n:
+      return whole(lhs, g)
+    take = lambda x, i, axis: jax.lax.slice_in_dim(x, i, min(i + per, n), axis=axis)  # noqa: E731
+    parts = [whole(take(lhs, i, lhs_batch), take(g, i, out_batch)) for i in range(0, n, per)]
+    return functools.reduce(jnp.add, parts)
+
+  dlhs = jax.vjp(lambda x: op(x, rhs), lhs)[1](g)[0]
+  return dlhs, jax.lax.platform_dependent(lhs, g, cpu=sliced, default=whole)
+
+
+_sliced_filter_grad.defvjp(_sliced_filter_grad_fwd, _sliced_filter_grad_bwd)
+
+
 def conv(features, kernel, name, dtype):
-  """A square 'SAME' conv, (N, H, W, Cin) → (N, H, W, features)."""
+  """A square 'SAME' conv, (N, H, W, Cin) → (N, H, W, features); its kernel gradient on CPU is
+  summed over slices of the batch (`conv_general_dilated`)."""
   return nn.Conv(
     features,
     (kernel, kernel),
     padding='SAME',
     dtype=dtype,
+    conv_general_dilated=conv_general_dilated,
     kernel_init=partitioned(
       nn.initializers.lecun_normal(), ('spatial', 'spatial', 'conv_in', 'channels')
     ),
