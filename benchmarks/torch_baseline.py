@@ -18,8 +18,8 @@ run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `dec
 `model.remat=False`) to the JAX run; this script always runs float32.
 
 Measured on the 2-core CPU with no other jobs (session 19), ViT-S/14 at the sizes above (265
-GFLOP per step, analytic): JAX 1.32 s per step (40 % of its measured matmul peak), torch 1.42 s,
-torch / JAX 1.06× (median of 3 A/B pairs, 1.04–1.08×). Under load from other jobs (earlier
+GFLOP per step, analytic): JAX 1.19 s per step (46 % of its measured matmul peak), torch 1.34 s,
+torch / JAX 1.14× (median of 3 A/B pairs, 1.11–1.14×). Under load from other jobs (earlier
 sessions) the ratio read 1.4–4.6×: load slows the eager PyTorch step most. Details in
 docs/performance.md.
 """
