@@ -14,8 +14,8 @@ the triplane decoder in plain `torch.nn`, EG3D's renderer equations (ray samplin
 `grid_sample` triplane lookup, OSG point MLP, MipRayMarcher2 compositing, sample_pdf importance
 sampling), the paper's loss and `torch.optim.Adam`. Eager mode, default layouts, no fusing:
 a benchmark, not a port. Sizes come from the same config schema as the JAX step, so both sides
-run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `decoder.dtype`, `render.mlp_dtype`,
-`model.remat=False`) to the JAX run; this script always runs float32.
+run the same shapes. `--compare` adds the JAX float32 flags (`model.dtype`, `decoder.dtype`,
+`render.mlp_dtype`, `model.remat=False`) to the JAX run; this script always runs float32.
 
 Measured on the 2-core CPU with no other jobs (session 19), ViT-S/14 at the sizes above (265
 GFLOP per step, analytic): JAX 1.19 s per step (46 % of its measured matmul peak), torch 1.34 s,

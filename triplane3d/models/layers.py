@@ -60,8 +60,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs):
   """`jax.lax.conv_general_dilated` (flax's `nn.Conv(conv_general_dilated=...)` signature) whose
   kernel gradient on CPU is summed over slices of the batch (`CPU_FILTER_GRAD_BYTES`). The same
   values and gradients up to float summation order."""
-  op = functools.partial(jax.lax.conv_general_dilated, **kwargs)
-  op = functools.partial(op, window_strides=window_strides, padding=padding)
+  op = functools.partial(
+    jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs
+  )
   if kwargs.get('batch_group_count', 1) != 1:  # The batch is then not summed over.
     return op(lhs, rhs)
   return _sliced_filter_grad(op, lhs, rhs)
