@@ -68,11 +68,17 @@ def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
   prof = tmp_path / 'prof'
   r, proc = _run(tmp_path, '--steps=1', '--warmup=0', '--peak_flops=1e15', f'--profile={prof}')
   assert r['peak_flops_per_device'] == 1e15 and r['peak_source'] == '--peak_flops'
-  # The trace is written; CPU programs leave no device plane, so no kernels are attributed
-  # (tests/test_device_time.py checks the summary on a device plane).
+  # The trace is written and, from the instrumented CPU program, read on the host threads: every
+  # part of the model ran, and the parts add up to the busy time (tests/test_device_time.py).
   t = r['device_time']
   assert Path(t['trace']).is_file() and str(t['trace']).startswith(str(prof))
-  assert t['kernels_per_step'] == 0 and 'profile: trace' in proc.stdout
+  assert t['source'] == 'host threads' and t['kernels_per_step'] > 0
+  parts = t['by_part_s_per_step']
+  assert {'backbone', 'backbone bwd', 'teacher', 'decoder', 'decoder bwd', 'renderer'} <= set(parts)
+  assert 'unattributed' not in parts
+  assert sum(parts.values()) == pytest.approx(t['device_busy_s_per_step'], rel=1e-6)
+  assert 0 < t['device_busy_s_per_step'] <= t['device_span_s_per_step'] < t['traced_step_s_median']
+  assert 'profile: trace' in proc.stdout and 'profile: s/step by part' in proc.stdout
   assert 'benchmark: 2 steps traced and summarised' in proc.stderr
 
 

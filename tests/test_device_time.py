@@ -57,10 +57,88 @@ def test_summary_per_step_by_part_and_op():
   assert s['ops']['dot.2'] == ['backbone bwd', 0.5, pytest.approx(1e-6)]
 
 
-def test_no_device_plane_gives_an_empty_summary():
+def test_no_device_plane_and_no_cpu_ops_give_an_empty_summary():
   data = jax.profiler.ProfileData.from_text_proto(HOST_PLANE)
   s = device_time.summarize(data, {}, steps=1)
   assert s['kernels_per_step'] == 0 and s['device_busy_share'] is None and s['top_ops'] == []
+  assert s['source'] is None
+
+
+# XLA:CPU's thunks on two host threads (times in µs from 0): thread A runs a while loop
+# [0, 10] whose body ops are fusion.1 [1, 4] and dot.2 [5, 9]; thread B runs copy.3 [3, 7]; a
+# python-thread event and an event without hlo_op are not ops.
+def _cpu_event(op, start_us, dur_us):
+  stat = f'stats {{ metadata_id: 9 str_value: "{op}" }}' if op else ''
+  return (
+    f'events {{ metadata_id: 1 offset_ps: {start_us}000000 duration_ps: {dur_us}000000 {stat} }}'
+  )
+
+
+CPU_PLANE = f"""
+planes {{
+  name: "/host:CPU"
+  lines {{ name: "python" timestamp_ns: 0 {_cpu_event('', 0, 20)} }}
+  lines {{ name: "tf_XLAEigen/1" timestamp_ns: 0
+    {_cpu_event('while.9', 0, 10)} {_cpu_event('fusion.1', 1, 3)} {_cpu_event('dot.2', 5, 4)}
+    {_cpu_event('', 11, 2)}
+  }}
+  lines {{ name: "tf_XLAEigen/2" timestamp_ns: 0 {_cpu_event('copy.3', 3, 4)} }}
+  event_metadata {{ key: 1 value {{ id: 1 name: "thunk" }} }}
+  stat_metadata {{ key: 9 value {{ id: 9 name: "hlo_op" }} }}
+}}
+"""
+
+
+def test_cpu_thunks_innermost_only_and_shared_time_split():
+  data = jax.profiler.ProfileData.from_text_proto(CPU_PLANE)
+  parts = {'while.9': 'renderer', 'fusion.1': 'decoder', 'dot.2': 'decoder bwd', 'copy.3': 'loss'}
+  s = device_time.summarize(data, parts, steps=1)
+  assert s['source'] == 'host threads' and s['kernels_per_step'] == 3  # Not the while loop.
+  # fusion.1 alone [1, 3], with copy.3 [3, 4]; copy.3 alone [4, 5], with dot.2 [5, 7]; dot.2
+  # alone [7, 9]: fusion 2 + 0.5, copy 0.5 + 1 + 1, dot 1 + 2 µs; busy [1, 9] = 8 µs.
+  assert s['by_part_s_per_step'] == pytest.approx(
+    {'decoder': 2.5e-6, 'loss': 2.5e-6, 'decoder bwd': 3e-6}
+  )
+  assert s['device_busy_s_per_step'] == pytest.approx(8e-6)
+  assert s['device_span_s_per_step'] == pytest.approx(8e-6)
+  assert s['top_ops'][0] == ['dot.2', 'decoder bwd', 1.0, pytest.approx(3e-6)]
+
+
+def test_a_real_cpu_trace_names_the_parts(tmp_path):
+  """The compiler option makes XLA:CPU record its ops, and they are found in the trace."""
+
+  def f(x):
+    with jax.named_scope('render'):
+      y = jnp.sort(x @ x, axis=1)  # A sort fuses with neither the matmul nor the sum.
+    with jax.named_scope('loss'):
+      return jnp.sum(y * y)
+
+  x = jax.random.normal(jax.random.key(0), (256, 256))
+  compiled = jax.jit(f).lower(x).compile(device_time.CPU_TRACE_OPTIONS)
+  compiled(x).block_until_ready()
+  s = device_time.trace_steps(
+    lambda: compiled(x).block_until_ready(), str(tmp_path), 2, compiled.as_text()
+  )
+  assert s['source'] == 'host threads', s
+  assert {'renderer', 'loss'} <= set(s['by_part_s_per_step'])
+  assert s['kernels_per_step'] >= 2 and 'unattributed' not in s['by_part_s_per_step']
+
+
+def test_ops_without_a_name_stack_take_their_users_part():
+  text = """
+  %p = f32[4]{0} parameter(0)
+  %copy.1 = f32[4]{0} copy(%p)
+  %fusion.2 = f32[4]{0} fusion(%copy.1), kind=kLoop, calls=%fused_computation.3, metadata={op_name="jit(f)/transpose(jvp(TriplaneDecoder))/up0/conv"}
+  %transpose.4 = f32[4]{0} transpose(%fusion.2), dimensions={0}
+  ROOT %tuple.5 = (f32[4]{0}) tuple(%transpose.4)
+  %loose.6 = f32[4]{0} constant({1, 2, 3, 4})
+  """
+  parts = device_time.op_categories(text)
+  # The copy made for the decoder's backward is its; the transpose after it has no named
+  # user and takes its operand's; the parameter takes its user's; the constant nothing.
+  assert parts['copy.1'] == parts['fusion.2'] == parts['transpose.4'] == 'decoder bwd'
+  assert parts['p'] == parts['tuple.5'] == 'decoder bwd' and 'loose.6' not in parts
+  assert 'fused_computation.3' not in parts  # `calls=%...` names a computation, not an operand.
 
 
 def test_op_categories_follow_the_name_scopes_forward_and_backward():

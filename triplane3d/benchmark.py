@@ -393,7 +393,8 @@ def step_benchmark(
   progress('state, teacher and batch ready')
 
   start = time.perf_counter()
-  compiled = train.jit_train_step(setup, config, k_train).lower(state, teacher, batch).compile()
+  lowered = train.jit_train_step(setup, config, k_train).lower(state, teacher, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   progress(f'step compiled in {compile_s:.1f} s')
   times = []
@@ -408,13 +409,22 @@ def step_benchmark(
   text = compiled.as_text()
   traced = None
   if profile:
-    carry = [state]  # The state is donated: every traced step takes the last one's output.
+    # XLA:CPU records its ops only in a program compiled to (device_time): trace that one.
+    device = mesh.devices.flat[0]
+    run = lowered.compile(device_time.CPU_TRACE_OPTIONS) if device.platform == 'cpu' else compiled
+    carry, traced_s = [state], []  # The state is donated: each step takes the last one's output.
 
     def run_step():
-      carry[0], metrics = compiled(carry[0], teacher, batch)
+      begin = time.perf_counter()
+      carry[0], metrics = run(carry[0], teacher, batch)
       jax.block_until_ready((carry[0], metrics))
+      traced_s.append(time.perf_counter() - begin)
 
-    traced = device_time.trace_steps(run_step, profile, profile_steps, text)
+    if run is not compiled:
+      run_step()  # Warm-up of the instrumented program, outside the trace.
+      traced_s.clear()
+    traced = device_time.trace_steps(run_step, profile, profile_steps, run.as_text())
+    traced['traced_step_s_median'] = statistics.median(traced_s) if traced_s else None
     progress(f'{profile_steps} steps traced and summarised')
 
   devices = mesh.devices.size

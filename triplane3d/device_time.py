@@ -14,10 +14,15 @@ their Flax modules. Ops of the backward pass carry `transpose(` in their name st
 forward that a rematerialised (`jax.checkpoint`) region recomputes in the backward pass also
 carries `rematted_computation`, and is labelled 'recompute'.
 
-Only device planes ('/device:GPU:0', '/device:TPU:0', ...) are read: on a GPU its stream lines
-(the kernels, memsets and copies the device ran), on a TPU its 'XLA Ops' line. CPU programs
-have no device plane (their op events sit on the host plane, among host threads' events), and
-the summary says so (`kernels_per_step` 0).
+Where ops are read: on a GPU its device plane's stream lines (the kernels, memsets and copies
+the device ran), on a TPU its 'XLA Ops' line. XLA:CPU has no device plane: it runs a program
+as a sequence of thunks on its host threads, and records each one (an event with an `hlo_op`
+stat on the thread's line of the '/host:CPU' plane) only in a program compiled with
+`CPU_TRACE_OPTIONS`, which `benchmark --profile` compiles for the trace (the timed program is
+the plain one). On CPU a loop's or a conditional's thunk encloses its body's, so only the
+innermost ops are counted, and XLA runs independent ops at the same time on its threads: an
+interval that k ops share counts 1/k to each, so that the parts add up to the busy time (a
+device's kernels are counted whole: its streams rarely overlap).
 """
 
 from __future__ import annotations
@@ -42,8 +47,13 @@ CATEGORIES = (
   ('decoder', re.compile(r'Decoder')),
   ('backbone', re.compile(r'DinoViT')),
 )
-# `%name = type op(...), ..., metadata={op_name="..." ...}` in `Compiled.as_text()`.
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\bop_name="([^"]*)"')
+# XLA:CPU's per-thunk trace events (`jax.jit(...).lower(...).compile(compiler_options=...)`).
+CPU_TRACE_OPTIONS = {'xla_cpu_enable_xprof_traceme': True}
+# `%name = type op(%operand, ...), calls=%computation, metadata={op_name="..." ...}` in
+# `Compiled.as_text()`; an operand is a `%name` not right after `=` (`calls=`, `to_apply=`).
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
+_OP_NAME = re.compile(r'\bop_name="([^"]*)"')
+_OPERAND = re.compile(r'(?<![=\w])%([\w.\-]+)')
 
 
 def category(op_name: str) -> str:
@@ -65,12 +75,34 @@ def _op_lines(plane) -> list:
 
 
 def op_categories(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name → `category` of its op_name, for every instruction that has one."""
-  out = {}
+  """HLO instruction name → `category` of its op_name. An instruction without one (a layout
+  copy or transpose that XLA inserted, a tuple element) takes the part of the first of its
+  users that has one (the op it was made for), else of its operands', through chains of such
+  instructions."""
+  out, operands = {}, {}
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
-    if m:
-      out[m.group(1)] = category(m.group(2))
+    if not m:
+      continue
+    name, rest = m.groups()
+    named = _OP_NAME.search(rest)
+    if named:
+      out[name] = category(named.group(1))
+    operands[name] = _OPERAND.findall(rest.split('metadata={')[0])
+  users = collections.defaultdict(list)
+  for name, ins in operands.items():
+    for operand in ins:
+      users[operand].append(name)
+  pending = [n for n in operands if n not in out]
+  while pending:
+    for name in pending:
+      near = next((n for n in users[name] + operands[name] if n in out), None)
+      if near is not None:
+        out[name] = out[near]
+    left = [n for n in pending if n not in out]
+    if len(left) == len(pending):  # What is left connects to no named op.
+      break
+    pending = left
   return out
 
 
@@ -83,10 +115,72 @@ def _union_ns(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
+def _device_ops(data: jax.profiler.ProfileData) -> list[tuple[str, float, float]]:
+  """(op, start ns, duration ns) of every kernel on the device planes (module docstring)."""
+  out = []
+  for plane in data.planes:
+    if not plane.name.startswith('/device:'):
+      continue
+    for line in _op_lines(plane):
+      for event in line.events:
+        op = str(dict(event.stats).get('hlo_op') or event.name)
+        if op.startswith('command_buffer'):  # A CUDA graph of many ops: name the kernel.
+          op = event.name
+        out.append((op, event.start_ns, event.duration_ns))
+  return out
+
+
+def _cpu_ops(data: jax.profiler.ProfileData) -> list[list[tuple[str, float, float]]]:
+  """Per host thread, (op, start ns, duration ns) of the innermost XLA:CPU thunks: events
+  with an `hlo_op` stat that enclose no other such event of their thread (a loop's or a
+  conditional's thunk encloses its body's)."""
+  threads = []
+  for plane in data.planes:
+    if plane.name != '/host:CPU':
+      continue
+    for line in plane.lines:
+      events = []
+      for event in line.events:
+        op = dict(event.stats).get('hlo_op')
+        if op is not None:
+          events.append((str(op), event.start_ns, event.duration_ns))
+      events.sort(key=lambda e: (e[1], -e[2]))  # An enclosing event before what it holds.
+      outer, open_ = [False] * len(events), []  # open_: indices of the events still running.
+      for i, (_, start, _) in enumerate(events):
+        while open_ and events[open_[-1]][1] + events[open_[-1]][2] <= start:
+          open_.pop()
+        if open_:
+          outer[open_[-1]] = True
+        open_.append(i)
+      kept = [e for e, o in zip(events, outer, strict=True) if not o]
+      if kept:
+        threads.append(kept)
+  return threads
+
+
+def _shared_ns(threads: list[list[tuple[str, float, float]]]) -> list[float]:
+  """Per event (threads' events in order): its duration, an interval shared with k − 1 other
+  running events counting 1/k."""
+  flat = [e for t in threads for e in t]
+  points = sorted(
+    [(s, 1, i) for i, (_, s, _) in enumerate(flat)]
+    + [(s + d, 0, i) for i, (_, s, d) in enumerate(flat)]
+  )
+  share, active, last = [0.0] * len(flat), set(), None
+  for t, starts, i in points:
+    if active and t > last:
+      for j in active:
+        share[j] += (t - last) / len(active)
+    last = t
+    (active.add if starts else active.discard)(i)
+  return share
+
+
 def summarize(
   data: jax.profiler.ProfileData, categories: dict[str, str], steps: int, top: int = 20
 ) -> dict[str, Any]:
-  """Per-step device time of a trace of `steps` steps (module docstring).
+  """Per-step device time of a trace of `steps` steps (module docstring): a device's kernels,
+  or where the trace has none, XLA:CPU's thunks on the host threads.
 
   Args:
     data: the trace (`jax.profiler.ProfileData`).
@@ -95,26 +189,29 @@ def summarize(
     top: how many ops to list, most time first.
 
   Returns:
-    {'kernels_per_step', 'device_busy_s_per_step', 'device_span_s_per_step',
-     'device_busy_share', 'by_part_s_per_step' {part: s}, 'top_ops' [[op, part, kernels per
-     step, s per step], ...], 'ops' {op: [part, kernels, s] per step, every op},
-     'kernel_stats' [the stat names the kernels carried]}.
+    {'source' ('device', 'host threads' or None: no ops), 'kernels_per_step' (ops run),
+     'device_busy_s_per_step', 'device_span_s_per_step', 'device_busy_share',
+     'by_part_s_per_step' {part: s}, 'top_ops' [[op, part, kernels per step, s per step], ...],
+     'ops' {op: [part, kernels, s] per step, every op}, 'kernel_stats' [the stat names the
+     device's kernels carried]}.
   """
-  ops = collections.defaultdict(lambda: [0, 0.0])  # op → [kernels, ns]
-  intervals, stat_names = [], set()
+  events, source = _device_ops(data), 'device'
+  times = [d for _, _, d in events]
+  if not events:
+    threads = _cpu_ops(data)
+    events = [e for t in threads for e in t]
+    times, source = _shared_ns(threads), 'host threads' if events else None
+  stat_names = set()
   for plane in data.planes:
-    if not plane.name.startswith('/device:'):
-      continue
-    for line in _op_lines(plane):
-      for event in line.events:
-        stats = dict(event.stats)
-        stat_names.update(stats)
-        op = str(stats.get('hlo_op') or event.name)
-        if op.startswith('command_buffer'):  # A CUDA graph of many ops: name the kernel.
-          op = event.name
-        ops[op][0] += 1
-        ops[op][1] += event.duration_ns
-        intervals.append((event.start_ns, event.start_ns + event.duration_ns))
+    if plane.name.startswith('/device:'):
+      for line in _op_lines(plane):
+        for event in line.events:
+          stat_names.update(dict(event.stats))
+  ops = collections.defaultdict(lambda: [0, 0.0])  # op → [kernels, ns]
+  for (op, _, _), ns in zip(events, times, strict=True):
+    ops[op][0] += 1
+    ops[op][1] += ns
+  intervals = [(start, start + dur) for _, start, dur in events]
   # A kernel without an hlo_op stat, or launched from a command buffer (XLA:GPU replays most
   # of a step as CUDA graphs), is named after its fusion, '.' and '-' spelt '_'
   # (%loop_add_fusion.13 → loop_add_fusion_13). Library kernels (cuBLAS 'nvjet_*', cuDNN)
@@ -128,6 +225,7 @@ def summarize(
   busy = _union_ns(intervals)
   ranked = sorted(ops.items(), key=lambda kv: -kv[1][1])[:top]
   return {
+    'source': source,
     'kernels_per_step': sum(n for n, _ in ops.values()) / steps,
     'device_busy_s_per_step': busy * 1e-9 / steps,
     'device_span_s_per_step': span * 1e-9 / steps,
