@@ -65,8 +65,8 @@ def test_no_device_plane_and_no_cpu_ops_give_an_empty_summary():
 
 
 # XLA:CPU's thunks on two host threads (times in µs from 0): thread A runs a while loop
-# [0, 10] whose body ops are fusion.1 [1, 4] and dot.2 [5, 9]; thread B runs copy.3 [3, 7]; a
-# python-thread event and an event without hlo_op are not ops.
+# [0, 10] whose body ops are fusion.1 [1, 4] and dot.2 [5, 9]; thread B runs copy.3 [3, 7] and
+# bitcast.4 [8, 8] (no time); a python-thread event and an event without hlo_op are not ops.
 def _cpu_event(op, start_us, dur_us):
   stat = f'stats {{ metadata_id: 9 str_value: "{op}" }}' if op else ''
   return (
@@ -82,7 +82,9 @@ planes {{
     {_cpu_event('while.9', 0, 10)} {_cpu_event('fusion.1', 1, 3)} {_cpu_event('dot.2', 5, 4)}
     {_cpu_event('', 11, 2)}
   }}
-  lines {{ name: "tf_XLAEigen/2" timestamp_ns: 0 {_cpu_event('copy.3', 3, 4)} }}
+  lines {{ name: "tf_XLAEigen/2" timestamp_ns: 0
+    {_cpu_event('copy.3', 3, 4)} {_cpu_event('bitcast.4', 8, 0)}
+  }}
   event_metadata {{ key: 1 value {{ id: 1 name: "thunk" }} }}
   stat_metadata {{ key: 9 value {{ id: 9 name: "hlo_op" }} }}
 }}
@@ -92,8 +94,9 @@ planes {{
 def test_cpu_thunks_innermost_only_and_shared_time_split():
   data = jax.profiler.ProfileData.from_text_proto(CPU_PLANE)
   parts = {'while.9': 'renderer', 'fusion.1': 'decoder', 'dot.2': 'decoder bwd', 'copy.3': 'loss'}
+  parts['bitcast.4'] = 'loss'
   s = device_time.summarize(data, parts, steps=1)
-  assert s['source'] == 'host threads' and s['kernels_per_step'] == 3  # Not the while loop.
+  assert s['source'] == 'host threads' and s['kernels_per_step'] == 4  # Not the while loop.
   # fusion.1 alone [1, 3], with copy.3 [3, 4]; copy.3 alone [4, 5], with dot.2 [5, 7]; dot.2
   # alone [7, 9]: fusion 2 + 0.5, copy 0.5 + 1 + 1, dot 1 + 2 µs; busy [1, 9] = 8 µs.
   assert s['by_part_s_per_step'] == pytest.approx(
@@ -102,6 +105,7 @@ def test_cpu_thunks_innermost_only_and_shared_time_split():
   assert s['device_busy_s_per_step'] == pytest.approx(8e-6)
   assert s['device_span_s_per_step'] == pytest.approx(8e-6)
   assert s['top_ops'][0] == ['dot.2', 'decoder bwd', 1.0, pytest.approx(3e-6)]
+  assert s['ops']['bitcast.4'] == ['loss', 1.0, 0.0]
 
 
 def test_a_real_cpu_trace_names_the_parts(tmp_path):

@@ -115,19 +115,22 @@ def _union_ns(intervals: list[tuple[float, float]]) -> float:
   return total
 
 
-def _device_ops(data: jax.profiler.ProfileData) -> list[tuple[str, float, float]]:
-  """(op, start ns, duration ns) of every kernel on the device planes (module docstring)."""
-  out = []
+def _device_ops(data: jax.profiler.ProfileData) -> tuple[list[tuple[str, float, float]], set]:
+  """(op, start ns, duration ns) of every kernel on the device planes (module docstring), and
+  the names of the stats they carry."""
+  out, stat_names = [], set()
   for plane in data.planes:
     if not plane.name.startswith('/device:'):
       continue
     for line in _op_lines(plane):
       for event in line.events:
-        op = str(dict(event.stats).get('hlo_op') or event.name)
+        stats = dict(event.stats)
+        stat_names.update(stats)
+        op = str(stats.get('hlo_op') or event.name)
         if op.startswith('command_buffer'):  # A CUDA graph of many ops: name the kernel.
           op = event.name
         out.append((op, event.start_ns, event.duration_ns))
-  return out
+  return out, stat_names
 
 
 def _cpu_ops(data: jax.profiler.ProfileData) -> list[list[tuple[str, float, float]]]:
@@ -162,17 +165,18 @@ def _shared_ns(threads: list[list[tuple[str, float, float]]]) -> list[float]:
   """Per event (threads' events in order): its duration, an interval shared with k − 1 other
   running events counting 1/k."""
   flat = [e for t in threads for e in t]
+  # At equal times starts come first, so that an event of zero duration also ends.
   points = sorted(
-    [(s, 1, i) for i, (_, s, _) in enumerate(flat)]
-    + [(s + d, 0, i) for i, (_, s, d) in enumerate(flat)]
+    [(s, 0, i) for i, (_, s, _) in enumerate(flat)]
+    + [(s + d, 1, i) for i, (_, s, d) in enumerate(flat)]
   )
   share, active, last = [0.0] * len(flat), set(), None
-  for t, starts, i in points:
+  for t, ends, i in points:
     if active and t > last:
       for j in active:
         share[j] += (t - last) / len(active)
     last = t
-    (active.add if starts else active.discard)(i)
+    (active.discard if ends else active.add)(i)
   return share
 
 
@@ -195,18 +199,12 @@ def summarize(
      'ops' {op: [part, kernels, s] per step, every op}, 'kernel_stats' [the stat names the
      device's kernels carried]}.
   """
-  events, source = _device_ops(data), 'device'
+  (events, stat_names), source = _device_ops(data), 'device'
   times = [d for _, _, d in events]
   if not events:
     threads = _cpu_ops(data)
     events = [e for t in threads for e in t]
     times, source = _shared_ns(threads), 'host threads' if events else None
-  stat_names = set()
-  for plane in data.planes:
-    if plane.name.startswith('/device:'):
-      for line in _op_lines(plane):
-        for event in line.events:
-          stat_names.update(dict(event.stats))
   ops = collections.defaultdict(lambda: [0, 0.0])  # op → [kernels, ns]
   for (op, _, _), ns in zip(events, times, strict=True):
     ops[op][0] += 1
