@@ -65,8 +65,9 @@ def test_no_device_plane_and_no_cpu_ops_give_an_empty_summary():
 
 
 # XLA:CPU's thunks on two host threads (times in µs from 0): thread A runs a while loop
-# [0, 10] whose body ops are fusion.1 [1, 4] and dot.2 [5, 9]; thread B runs copy.3 [3, 7] and
-# bitcast.4 [8, 8] (no time); a python-thread event and an event without hlo_op are not ops.
+# [0, 10] whose body ops are fusion.1 [1, 4], dot.2 [5, 9] and bitcast.5 [5, 5] (no time: it
+# encloses nothing); thread B runs copy.3 [3, 7] and bitcast.4 [8, 8]; a python-thread event
+# and an event without hlo_op are not ops.
 def _cpu_event(op, start_us, dur_us):
   stat = f'stats {{ metadata_id: 9 str_value: "{op}" }}' if op else ''
   return (
@@ -80,6 +81,7 @@ planes {{
   lines {{ name: "python" timestamp_ns: 0 {_cpu_event('', 0, 20)} }}
   lines {{ name: "tf_XLAEigen/1" timestamp_ns: 0
     {_cpu_event('while.9', 0, 10)} {_cpu_event('fusion.1', 1, 3)} {_cpu_event('dot.2', 5, 4)}
+    {_cpu_event('bitcast.5', 5, 0)}
     {_cpu_event('', 11, 2)}
   }}
   lines {{ name: "tf_XLAEigen/2" timestamp_ns: 0
@@ -94,9 +96,9 @@ planes {{
 def test_cpu_thunks_innermost_only_and_shared_time_split():
   data = jax.profiler.ProfileData.from_text_proto(CPU_PLANE)
   parts = {'while.9': 'renderer', 'fusion.1': 'decoder', 'dot.2': 'decoder bwd', 'copy.3': 'loss'}
-  parts['bitcast.4'] = 'loss'
+  parts['bitcast.4'] = parts['bitcast.5'] = 'loss'
   s = device_time.summarize(data, parts, steps=1)
-  assert s['source'] == 'host threads' and s['kernels_per_step'] == 4  # Not the while loop.
+  assert s['source'] == 'host threads' and s['kernels_per_step'] == 5  # Not the while loop.
   # fusion.1 alone [1, 3], with copy.3 [3, 4]; copy.3 alone [4, 5], with dot.2 [5, 7]; dot.2
   # alone [7, 9]: fusion 2 + 0.5, copy 0.5 + 1 + 1, dot 1 + 2 µs; busy [1, 9] = 8 µs.
   assert s['by_part_s_per_step'] == pytest.approx(
@@ -130,32 +132,28 @@ def test_a_real_cpu_trace_names_the_parts(tmp_path):
 
 def test_ops_without_a_name_stack_take_their_users_part():
   text = """
-  %p = f32[4]{0} parameter(0)
+  %p = f32[4]{0} parameter(0), metadata={op_name="x"}
   %copy.1 = f32[4]{0} copy(%p)
   %fusion.2 = f32[4]{0} fusion(%copy.1), kind=kLoop, calls=%fused_computation.3, metadata={op_name="jit(f)/transpose(jvp(TriplaneDecoder))/up0/conv"}
   %transpose.4 = f32[4]{0} transpose(%fusion.2), dimensions={0}
-  ROOT %tuple.5 = (f32[4]{0}) tuple(%transpose.4)
-  %loose.6 = f32[4]{0} constant({1, 2, 3, 4})
+  %all-reduce.5 = (f32[4]{0}, f32[]) all-reduce(%fusion.2, %c.6), to_apply=%add, metadata={op_name="(jit(f)/render/mul:jit(f)/loss/add)"}
+  %c.6 = f32[] constant(1), metadata={op_name="jit(f)/loss/add"}
+  %cond.7 = f32[4]{0} conditional(%c.6, %copy.1, %copy.1), branch_computations={%region_2.4, %region_3.7}
+  %loose.8 = f32[4]{0} constant({1, 2, 3, 4})
+  ROOT %tuple.9 = (f32[4]{0}) tuple(%transpose.4)
   """
   parts = device_time.op_categories(text)
-  # The copy made for the decoder's backward is its; the transpose after it has no named
-  # user and takes its operand's; the parameter takes its user's; the constant nothing.
+  # The copy made for the decoder's backward is its, and so is the parameter it copies (a
+  # parameter's op_name is its argument's name); the transpose after it, which feeds only the
+  # unnamed output tuple, takes its operand's; XLA's merged all-reduce is a collective, whatever
+  # its op_name lists; the constant feeds the loss.
   assert parts['copy.1'] == parts['fusion.2'] == parts['transpose.4'] == 'decoder bwd'
-  assert parts['p'] == parts['tuple.5'] == 'decoder bwd' and 'loose.6' not in parts
-  assert 'fused_computation.3' not in parts  # `calls=%...` names a computation, not an operand.
-
-
-def test_op_categories_follow_the_name_scopes_forward_and_backward():
-  def loss(w, x):
-    with jax.named_scope('render'):
-      y = jax.checkpoint(lambda w, x: jnp.sin(jnp.sin(x @ w) @ w))(w, x)
-    with jax.named_scope('loss'):
-      return jnp.sum(y * y)
-
-  text = jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
-  parts = device_time.op_categories(text)
-  assert {'renderer', 'renderer bwd', 'renderer recompute'} <= set(parts.values())
-  assert all(p.split()[0] in {'renderer', 'loss', 'other'} for p in parts.values())
+  assert parts['p'] == 'decoder bwd' and parts['all-reduce.5'] == 'collectives'
+  # `cond.7` reads the named `c.6` and `copy.1`, which has a part only by propagation.
+  assert parts['c.6'] == 'loss' and parts['cond.7'] == 'loss'
+  assert 'loose.8' not in parts and parts['tuple.9'] == 'decoder bwd'
+  # `calls=%...` and `branch_computations={%...}` name computations, not operands.
+  assert not {'fused_computation.3', 'region_2.4', 'region_3.7', 'add'} & set(parts)
 
 
 @pytest.mark.parametrize(

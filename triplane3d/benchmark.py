@@ -409,22 +409,8 @@ def step_benchmark(
   text = compiled.as_text()
   traced = None
   if profile:
-    # XLA:CPU records its ops only in a program compiled to (device_time): trace that one.
-    device = mesh.devices.flat[0]
-    run = lowered.compile(device_time.CPU_TRACE_OPTIONS) if device.platform == 'cpu' else compiled
-    carry, traced_s = [state], []  # The state is donated: each step takes the last one's output.
-
-    def run_step():
-      begin = time.perf_counter()
-      carry[0], metrics = run(carry[0], teacher, batch)
-      jax.block_until_ready((carry[0], metrics))
-      traced_s.append(time.perf_counter() - begin)
-
-    if run is not compiled:
-      run_step()  # Warm-up of the instrumented program, outside the trace.
-      traced_s.clear()
-    traced = device_time.trace_steps(run_step, profile, profile_steps, run.as_text())
-    traced['traced_step_s_median'] = statistics.median(traced_s) if traced_s else None
+    progress('profiling')
+    traced = profile_steps_of(lowered, compiled, (state, teacher, batch), profile, profile_steps)
     progress(f'{profile_steps} steps traced and summarised')
 
   devices = mesh.devices.size
@@ -476,6 +462,39 @@ def step_benchmark(
     'memory_analysis': memory,
     **({'device_time': traced} if traced else {}),
   }
+
+
+def profile_steps_of(
+  lowered: jax.stages.Lowered, compiled: jax.stages.Compiled, args: tuple, logdir: str, steps: int
+) -> dict[str, Any]:
+  """`device_time.trace_steps` of `steps` more train steps from `args` = (state, teacher,
+  batch), with their wall times ('traced_step_s'). On CPU the steps run a second compile of
+  `lowered` with `device_time.CPU_TRACE_OPTIONS` (XLA:CPU records its ops only then; its
+  first step, outside the trace, warms it up). Failures come back as {'error': ...}."""
+  state, teacher, batch = args
+  try:
+    run = compiled
+    if next(iter(jax.tree.leaves(state)[0].devices())).platform == 'cpu':
+      run = lowered.compile(device_time.CPU_TRACE_OPTIONS)
+  except Exception as e:  # The timings taken so far still stand.
+    return {'error': f'instrumented compile: {type(e).__name__}: {e}'}
+  carry, times = [state], []  # The state is donated: each step takes the last one's output.
+
+  def run_step():
+    start = time.perf_counter()
+    carry[0], metrics = run(carry[0], teacher, batch)
+    jax.block_until_ready((carry[0], metrics))
+    times.append(time.perf_counter() - start)
+
+  try:
+    if run is not compiled:
+      run_step()
+  except Exception as e:
+    return {'error': f'instrumented step: {type(e).__name__}: {e}'}
+  del times[:]
+  traced = device_time.trace_steps(run_step, logdir, steps, run.as_text())
+  median = statistics.median(times) if times else None
+  return {**traced, 'traced_step_s_median': median, 'traced_step_s': times}
 
 
 # --- The input-pipeline benchmark. ---

@@ -49,11 +49,12 @@ CATEGORIES = (
 )
 # XLA:CPU's per-thunk trace events (`jax.jit(...).lower(...).compile(compiler_options=...)`).
 CPU_TRACE_OPTIONS = {'xla_cpu_enable_xprof_traceme': True}
-# `%name = type op(%operand, ...), calls=%computation, metadata={op_name="..." ...}` in
-# `Compiled.as_text()`; an operand is a `%name` not right after `=` (`calls=`, `to_apply=`).
+# `%name = type opcode(%operand, ...), calls=%computation, metadata={op_name="..." ...}` in
+# `Compiled.as_text()` (the type may be a tuple, `(f32[2]{0}, s32[])`).
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
 _OP_NAME = re.compile(r'\bop_name="([^"]*)"')
-_OPERAND = re.compile(r'(?<![=\w])%([\w.\-]+)')
+# XLA merges a step's gradient all-reduces into one whose op_name lists all of theirs.
+_COLLECTIVE = re.compile(r'(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)')
 
 
 def category(op_name: str) -> str:
@@ -74,35 +75,53 @@ def _op_lines(plane) -> list:
   return streams or [ln for ln in lines if ln.name == 'XLA Ops'] or lines
 
 
+def _opcode_and_operands(rest: str) -> tuple[str, list[str]]:
+  """'type opcode(%a, %b), attributes' → ('opcode', ['a', 'b'])."""
+  depth, cut = 0, len(rest)
+  for i, ch in enumerate(rest):
+    depth += (ch == '(') - (ch == ')')
+    if ch == ' ' and depth == 0:  # The end of the type.
+      cut = i
+      break
+  opcode, _, args = rest[cut + 1 :].partition('(')
+  return opcode, re.findall(r'%([\w.\-]+)', args.split(')')[0])
+
+
 def op_categories(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name → `category` of its op_name. An instruction without one (a layout
-  copy or transpose that XLA inserted, a tuple element) takes the part of the first of its
-  users that has one (the op it was made for), else of its operands', through chains of such
-  instructions."""
+  """HLO instruction name → `category` of its op_name; collectives → 'collectives'. An
+  instruction without an op_name (a layout copy or transpose that XLA inserted, a tuple; a
+  parameter's is its argument's path) takes the part of the nearest named op it feeds (the op
+  it was made for), else of the nearest it is fed by."""
   out, operands = {}, {}
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.match(line)
     if not m:
       continue
     name, rest = m.groups()
+    opcode, operands[name] = _opcode_and_operands(rest)
     named = _OP_NAME.search(rest)
-    if named:
+    if _COLLECTIVE.match(opcode):
+      out[name] = 'collectives'
+    elif named and opcode != 'parameter':
       out[name] = category(named.group(1))
-    operands[name] = _OPERAND.findall(rest.split('metadata={')[0])
   users = collections.defaultdict(list)
   for name, ins in operands.items():
     for operand in ins:
       users[operand].append(name)
-  pending = [n for n in operands if n not in out]
-  while pending:
-    for name in pending:
-      near = next((n for n in users[name] + operands[name] if n in out), None)
-      if near is not None:
-        out[name] = out[near]
-    left = [n for n in pending if n not in out]
-    if len(left) == len(pending):  # What is left connects to no named op.
-      break
-    pending = left
+  # Breadth-first from the named ops to the unnamed ops they read, then from every op with a
+  # part to the unnamed ops that read it; again while that reaches more (an unnamed operand of
+  # an op that got its part from its own operand).
+  known = -1
+  while known < len(out):
+    known = len(out)
+    for neighbours in (operands, users):
+      queue = collections.deque(out)
+      while queue:
+        name = queue.popleft()
+        for n in neighbours.get(name, ()):
+          if n not in out:
+            out[n] = out[name]
+            queue.append(n)
   return out
 
 
@@ -149,12 +168,13 @@ def _cpu_ops(data: jax.profiler.ProfileData) -> list[list[tuple[str, float, floa
           events.append((str(op), event.start_ns, event.duration_ns))
       events.sort(key=lambda e: (e[1], -e[2]))  # An enclosing event before what it holds.
       outer, open_ = [False] * len(events), []  # open_: indices of the events still running.
-      for i, (_, start, _) in enumerate(events):
+      for i, (_, start, dur) in enumerate(events):
         while open_ and events[open_[-1]][1] + events[open_[-1]][2] <= start:
           open_.pop()
-        if open_:
-          outer[open_[-1]] = True
-        open_.append(i)
+        if dur > 0:  # An op of no length (a bitcast) encloses nothing and is in nothing.
+          if open_:
+            outer[open_[-1]] = True
+          open_.append(i)
       kept = [e for e, o in zip(events, outer, strict=True) if not o]
       if kept:
         threads.append(kept)
