@@ -12,7 +12,8 @@ the renderer runs under `jax.named_scope('render')`, the teacher under 'teacher'
 under 'loss', the optimiser under 'optimizer'; the student's ViT and the decoder are named by
 their Flax modules. Ops of the backward pass carry `transpose(` in their name stack; the
 forward that a rematerialised (`jax.checkpoint`) region recomputes in the backward pass also
-carries `rematted_computation`, and is labelled 'recompute'.
+carries `rematted_computation`, and is labelled 'recompute'. Collectives are 'collectives'
+(XLA merges a step's gradient all-reduces into one, whose op_name lists all of theirs).
 
 Where ops are read: on a GPU its device plane's stream lines (the kernels, memsets and copies
 the device ran), on a TPU its 'XLA Ops' line. XLA:CPU has no device plane: it runs a program
