@@ -9,7 +9,8 @@ mesh from `config.mesh`) with synthetic in-memory batches (no dataset is read) a
 compile time, the median step time over `--steps` steps after `--warmup`
 (`block_until_ready`), images/s per device and in total, FLOPs per image (analytic and
 XLA's), MFU, and peak memory; `--profile=DIR` then traces `--profile_steps` more steps and
-adds their device time by model part and by kernel (`device_time`). `--mode=data` times
+adds their device time by model part and by kernel (`device_time`; on CPU the traced steps run
+a second compile that records XLA:CPU's ops). `--mode=data` times
 `data.pipeline` alone: images/s per host for each `--workers` count.
 
 Analytic FLOPs per image (`analytic_flops`; multiply-adds count 2; norms, softmax and other
