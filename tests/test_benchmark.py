@@ -81,6 +81,7 @@ def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
   assert len(t['traced_step_s']) == 2 and t['traced_step_s_median'] > 0
   assert 0 < t['device_busy_s_per_step'] <= sum(t['traced_step_s']) / 2
   assert 'profile: trace' in proc.stdout and 'profile: s/step by part' in proc.stdout
+  assert ' runs, ' in proc.stdout and ' kernels, ' not in proc.stdout  # Ops, not GPU kernels.
   assert 'benchmark: 2 steps traced and summarised' in proc.stderr
 
 

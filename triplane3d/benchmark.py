@@ -563,8 +563,9 @@ def table(result: dict[str, Any]) -> str:
       lines.append(
         f'{"profile: s/step by part":<34} ' + ', '.join(f'{a} {b:.4g}' for a, b in parts)
       )
+      runs = 'runs' if v.get('source') == 'host threads' else 'kernels'  # XLA:CPU's thunks.
       lines += [
-        f'{"profile: op " + o:<34} {c}, {n:.4g} kernels, {t:.4g} s'
+        f'{"profile: op " + o:<34} {c}, {n:.4g} {runs}, {t:.4g} s'
         for o, c, n, t in v.get('top_ops', [])[:10]
       ]
     elif not isinstance(v, list | dict):
