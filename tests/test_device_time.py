@@ -156,6 +156,19 @@ def test_ops_without_a_name_stack_take_their_users_part():
   assert not {'fused_computation.3', 'region_2.4', 'region_3.7', 'add'} & set(parts)
 
 
+def test_op_categories_follow_the_name_scopes_forward_and_backward():
+  def loss(w, x):
+    with jax.named_scope('render'):
+      y = jax.checkpoint(lambda w, x: jnp.sin(jnp.sin(x @ w) @ w))(w, x)
+    with jax.named_scope('loss'):
+      return jnp.sum(y * y)
+
+  text = jax.jit(jax.grad(loss)).lower(jnp.ones((8, 8)), jnp.ones((4, 8))).compile().as_text()
+  parts = device_time.op_categories(text)
+  assert {'renderer', 'renderer bwd', 'renderer recompute'} <= set(parts.values())
+  assert all(p.split()[0] in {'renderer', 'loss', 'other'} for p in parts.values())
+
+
 @pytest.mark.parametrize(
   ('op_name', 'part'),
   [
