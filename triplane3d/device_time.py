@@ -23,7 +23,9 @@ stat on the thread's line of the '/host:CPU' plane) only in a program compiled w
 the plain one). On CPU a loop's or a conditional's thunk encloses its body's, so only the
 innermost ops are counted, and XLA runs independent ops at the same time on its threads: an
 interval that k ops share counts 1/k to each, so that the parts add up to the busy time (a
-device's kernels are counted whole: its streams rarely overlap).
+device's kernels are counted whole: its streams rarely overlap). The instrumented program is
+as fast as the plain one, but recording each event costs the CPU tracer some µs inside the op
+it traces: a step of many small ops reads slower traced (docs/performance.md).
 """
 
 from __future__ import annotations
