@@ -82,6 +82,8 @@ def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
   assert 0 < t['device_busy_s_per_step'] <= sum(t['traced_step_s']) / 2
   assert 'profile: trace' in proc.stdout and 'profile: s/step by part' in proc.stdout
   assert ' runs, ' in proc.stdout and ' kernels, ' not in proc.stdout  # Ops, not GPU kernels.
+  op_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('profile: op ')]
+  assert any(p in ln for ln in op_lines for p in ('render/', 'Decoder/', 'DinoViT'))  # Scopes.
   assert 'benchmark: 2 steps traced and summarised' in proc.stderr
 
 

@@ -128,6 +128,34 @@ def test_a_real_cpu_trace_names_the_parts(tmp_path):
   assert s['source'] == 'host threads', s
   assert {'renderer', 'loss'} <= set(s['by_part_s_per_step'])
   assert s['kernels_per_step'] >= 2 and 'unattributed' not in s['by_part_s_per_step']
+  # Each listed op with its name stack, wrappers dropped: the sort is 'render/sort'.
+  assert set(s['top_op_scopes']) == {op for op, *_ in s['top_ops']}
+  assert 'render/sort' in s['top_op_scopes'].values()
+
+
+@pytest.mark.parametrize(
+  ('op_name', 'scope'),
+  [
+    (
+      'jit(train_step)/transpose(jvp(TriplaneDecoder))/up1/conv/cond/branch_0_fun/'
+      'transpose(jvp())/conv_general_dilated',
+      'TriplaneDecoder/up1/conv/conv_general_dilated',
+    ),
+    (
+      'jit(train_step)/transpose(jvp(render))/cond/branch_0_fun/while/body/closed_call/'
+      'checkpoint/rematted_computation/cond/branch_0_fun/add',
+      'render/add',
+    ),
+    (
+      'jit(train_step)/teacher/DinoViT.get_intermediate_layers/norm',
+      'teacher/DinoViT.get_intermediate_layers/norm',
+    ),
+    ('jit(f)/jvp(render)/vmap(vmap(jit(_uniform)))/vmap(vmap())/add', 'render/add'),
+    ('', ''),
+  ],
+)
+def test_short_scope_drops_the_wrappers(op_name, scope):
+  assert device_time.short_scope(op_name) == scope
 
 
 def test_ops_without_a_name_stack_take_their_users_part():

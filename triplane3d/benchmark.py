@@ -564,8 +564,9 @@ def table(result: dict[str, Any]) -> str:
         f'{"profile: s/step by part":<34} ' + ', '.join(f'{a} {b:.4g}' for a, b in parts)
       )
       runs = 'runs' if v.get('source') == 'host threads' else 'kernels'  # XLA:CPU's thunks.
+      scopes = v.get('top_op_scopes', {})
       lines += [
-        f'{"profile: op " + o:<34} {c}, {n:.4g} {runs}, {t:.4g} s'
+        f'{"profile: op " + o:<34} {c}, {n:.4g} {runs}, {t:.4g} s  {scopes.get(o, "")}'.rstrip()
         for o, c, n, t in v.get('top_ops', [])[:10]
       ]
     elif not isinstance(v, list | dict):

@@ -90,23 +90,52 @@ def _opcode_and_operands(rest: str) -> tuple[str, list[str]]:
   return opcode, re.findall(r'%([\w.\-]+)', args.split(')')[0])
 
 
+def _instructions(hlo_text: str):
+  """(name, opcode, operand names, op_name or None) of each instruction of `hlo_text`; a
+  parameter's op_name (its argument's path) is None."""
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if m:
+      name, rest = m.groups()
+      opcode, operands = _opcode_and_operands(rest)
+      named = _OP_NAME.search(rest)
+      yield name, opcode, operands, named.group(1) if named and opcode != 'parameter' else None
+
+
+# Name-stack segments that say how, not where: jit, autodiff, loops, conditionals, remat.
+_WRAPPER = re.compile(r'^(?:jit\(.*\)|cond|branch_\d+_fun|while|body|closed_call|checkpoint|'
+                      r'rematted_computation|vmap\(\)|jvp\(\)|transpose\(jvp\(\)\))$')  # fmt: skip
+
+
+def short_scope(op_name: str) -> str:
+  """JAX's name stack without its wrappers: 'jit(train_step)/transpose(jvp(TriplaneDecoder))/
+  up1/conv/cond/branch_0_fun/transpose(jvp())/conv_general_dilated' →
+  'TriplaneDecoder/up1/conv/conv_general_dilated'."""
+  kept = []
+  for seg in op_name.split('/'):
+    while (m := re.fullmatch(r'(?:transpose|jvp|vmap)\((.+)\)', seg)) is not None:
+      seg = m.group(1)
+    if seg and not _WRAPPER.match(seg):
+      kept.append(seg)
+  return '/'.join(kept)
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name → its op_name (JAX's name stack), where it has one."""
+  return {name: op for name, _, _, op in _instructions(hlo_text) if op is not None}
+
+
 def op_categories(hlo_text: str) -> dict[str, str]:
   """HLO instruction name → `category` of its op_name; collectives → 'collectives'. An
   instruction without an op_name (a layout copy or transpose that XLA inserted, a tuple; a
   parameter's is its argument's path) takes the part of the nearest named op it feeds (the op
   it was made for), else of the nearest it is fed by."""
   out, operands = {}, {}
-  for line in hlo_text.splitlines():
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name, rest = m.groups()
-    opcode, operands[name] = _opcode_and_operands(rest)
-    named = _OP_NAME.search(rest)
+  for name, opcode, operands[name], op_name in _instructions(hlo_text):
     if _COLLECTIVE.match(opcode):
       out[name] = 'collectives'
-    elif named and opcode != 'parameter':
-      out[name] = category(named.group(1))
+    elif op_name is not None:
+      out[name] = category(op_name)
   users = collections.defaultdict(list)
   for name, ins in operands.items():
     for operand in ins:
@@ -284,6 +313,9 @@ def trace_steps(run_step: Callable[[], Any], logdir: str, steps: int, hlo_text: 
         run_step()
     path = trace_file(logdir, since=began - 1)
     data = jax.profiler.ProfileData.from_file(path)
-    return {**summarize(data, op_categories(hlo_text), steps), 'trace': path}
+    summary = summarize(data, op_categories(hlo_text), steps)
+    names = op_names(hlo_text)
+    scopes = {op: short_scope(names.get(op, '')) for op, *_ in summary['top_ops']}
+    return {**summary, 'top_op_scopes': scopes, 'trace': path}
   except Exception as e:
     return {'error': f'{type(e).__name__}: {e}'}
