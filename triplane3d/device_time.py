@@ -131,7 +131,8 @@ def op_categories(hlo_text: str) -> dict[str, str]:
   parameter's is its argument's path) takes the part of the nearest named op it feeds (the op
   it was made for), else of the nearest it is fed by."""
   out, operands = {}, {}
-  for name, opcode, operands[name], op_name in _instructions(hlo_text):
+  for name, opcode, ins, op_name in _instructions(hlo_text):
+    operands[name] = ins
     if _COLLECTIVE.match(opcode):
       out[name] = 'collectives'
     elif op_name is not None:
