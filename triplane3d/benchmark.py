@@ -411,7 +411,8 @@ def step_benchmark(
   traced = None
   if profile:
     progress('profiling')
-    traced = profile_steps_of(lowered, compiled, (state, teacher, batch), profile, profile_steps)
+    args = (state, teacher, batch)
+    traced = profile_steps_of(lowered, compiled, text, args, profile, profile_steps)
     progress(f'{profile_steps} steps traced and summarised')
 
   devices = mesh.devices.size
@@ -466,12 +467,18 @@ def step_benchmark(
 
 
 def profile_steps_of(
-  lowered: jax.stages.Lowered, compiled: jax.stages.Compiled, args: tuple, logdir: str, steps: int
+  lowered: jax.stages.Lowered,
+  compiled: jax.stages.Compiled,
+  text: str,
+  args: tuple,
+  logdir: str,
+  steps: int,
 ) -> dict[str, Any]:
   """`device_time.trace_steps` of `steps` more train steps from `args` = (state, teacher,
-  batch), with their wall times ('traced_step_s'). On CPU the steps run a second compile of
-  `lowered` with `device_time.CPU_TRACE_OPTIONS` (XLA:CPU records its ops only then; its
-  first step, outside the trace, warms it up). Failures come back as {'error': ...}."""
+  batch), with their wall times ('traced_step_s'). `text`: `compiled.as_text()`. On CPU the
+  steps run a second compile of `lowered` with `device_time.CPU_TRACE_OPTIONS` (XLA:CPU
+  records its ops only then; its first step, outside the trace, warms it up). Failures come
+  back as {'error': ...}."""
   state, teacher, batch = args
   try:
     run = compiled
@@ -492,8 +499,10 @@ def profile_steps_of(
       run_step()
   except Exception as e:
     return {'error': f'instrumented step: {type(e).__name__}: {e}'}
-  del times[:]
-  traced = device_time.trace_steps(run_step, logdir, steps, run.as_text())
+  times.clear()
+  traced = device_time.trace_steps(
+    run_step, logdir, steps, text if run is compiled else run.as_text()
+  )
   median = statistics.median(times) if times else None
   return {**traced, 'traced_step_s_median': median, 'traced_step_s': times}
 

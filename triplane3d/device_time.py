@@ -120,18 +120,18 @@ def short_scope(op_name: str) -> str:
   return '/'.join(kept)
 
 
-def op_names(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name → its op_name (JAX's name stack), where it has one."""
-  return {name: op for name, _, _, op in _instructions(hlo_text) if op is not None}
-
-
 def op_categories(hlo_text: str) -> dict[str, str]:
   """HLO instruction name → `category` of its op_name; collectives → 'collectives'. An
   instruction without an op_name (a layout copy or transpose that XLA inserted, a tuple; a
   parameter's is its argument's path) takes the part of the nearest named op it feeds (the op
   it was made for), else of the nearest it is fed by."""
+  return _categories(list(_instructions(hlo_text)))
+
+
+def _categories(instructions: list[tuple[str, str, list[str], str | None]]) -> dict[str, str]:
+  """`op_categories` of `_instructions`' output."""
   out, operands = {}, {}
-  for name, opcode, ins, op_name in _instructions(hlo_text):
+  for name, opcode, ins, op_name in instructions:
     operands[name] = ins
     if _COLLECTIVE.match(opcode):
       out[name] = 'collectives'
@@ -314,8 +314,9 @@ def trace_steps(run_step: Callable[[], Any], logdir: str, steps: int, hlo_text: 
         run_step()
     path = trace_file(logdir, since=began - 1)
     data = jax.profiler.ProfileData.from_file(path)
-    summary = summarize(data, op_categories(hlo_text), steps)
-    names = op_names(hlo_text)
+    instructions = list(_instructions(hlo_text))  # Parsed once for parts and name stacks.
+    summary = summarize(data, _categories(instructions), steps)
+    names = {name: op_name for name, _, _, op_name in instructions if op_name is not None}
     scopes = {op: short_scope(names.get(op, '')) for op, *_ in summary['top_ops']}
     return {**summary, 'top_op_scopes': scopes, 'trace': path}
   except Exception as e:
