@@ -2,6 +2,7 @@
 (8 CPU devices) writes its JSON; the data mode times the pipeline; the FLOP accounting
 counts loop bodies by their trip counts and the analytic formula matches a hand count."""
 
+import ast
 import json
 import subprocess
 import sys
@@ -88,10 +89,28 @@ def test_peak_flops_flag_overrides_the_measurement_and_profile_traces(tmp_path):
 
 
 def test_data_mode_times_the_pipeline_per_worker_count(tmp_path):
-  r, proc = _run(tmp_path, '--mode=data', '--workers=0,1', '--steps=2')
-  assert r['mode'] == 'data' and set(r['images_per_s_per_host']) == {'0', '1'}
-  assert all(v > 0 for v in r['images_per_s_per_host'].values())
-  assert '1 workers' in proc.stdout
+  r, proc = _run(tmp_path, '--mode=data', '--workers=0,1', '--steps=2', '--accelerator=v5e-8')
+  assert r['mode'] == 'data' and r['pixels'] == 'uint8'  # The trainer's wire format.
+  for key in ('images_per_s_per_host', 'main_cpu_ms_per_image'):
+    assert set(r[key]) == {'0', '1'} and all(v > 0 for v in r[key].values()), key
+  assert r['decode_cpu_ms_per_image'] == r['main_cpu_ms_per_image']['0']
+  need = r['host_need']
+  assert need['accelerator'] == 'v5litepod-8' and need['chips_per_host'] == 8
+  assert need['host_vcpus'] == 224  # ct5lp-hightpu-8t.
+  # 8 chips × 197 TFLOP/s over the tiny demo's analytic train FLOPs per image, at 40 %.
+  tiny = demo.get_config()
+  tiny.update_from_flattened_dict(
+    {k: ast.literal_eval(v) if isinstance(v, str) else v for k, v in TINY.items()}
+  )
+  per_host = 8 * 197e12 / benchmark.analytic_flops(tiny)['train']
+  assert need['images_per_s_at_100pct_mfu'] == pytest.approx(per_host)
+  assert need['images_per_s'] == pytest.approx(0.4 * per_host)
+  assert r['decode_cores_needed'] == pytest.approx(
+    need['images_per_s'] * r['decode_cpu_ms_per_image'] / 1e3
+  )
+  assert set(r['take_cpu_ms_per_image']) == {'1'} and r['take_cpu_ms_per_image']['1'] > 0
+  assert r['main_process_max_images_per_s'] == pytest.approx(1e3 / r['take_cpu_ms_per_image']['1'])
+  assert '1 workers' in proc.stdout and 'host need: images_per_s' in proc.stdout
 
 
 def test_loop_bodies_count_trip_count_times():

@@ -2,7 +2,8 @@
 
   python -m triplane3d.benchmark --config=configs/demo.py [--config.x=y] [--steps=20]
       [--warmup=2] [--peak_flops=F] [--json=PATH] [--profile=DIR [--profile_steps=2]]
-  python -m triplane3d.benchmark --mode=data --config=configs/demo.py --workers=0,2,4
+  python -m triplane3d.benchmark --mode=data --config=configs/demo.py --workers=0,2,4 \
+      [--accelerator=v5e-8 [--mfu=0.4]] [--float_pixels]
 
 `--mode=step` (default) jits `train.jit_train_step` on every visible device (a data × fsdp
 mesh from `config.mesh`) with synthetic in-memory batches (no dataset is read) and reports:
@@ -11,7 +12,10 @@ compile time, the median step time over `--steps` steps after `--warmup`
 XLA's), MFU, and peak memory; `--profile=DIR` then traces `--profile_steps` more steps and
 adds their device time by model part and by kernel (`device_time`; on CPU the traced steps run
 a second compile that records XLA:CPU's ops). `--mode=data` times
-`data.pipeline` alone: images/s per host for each `--workers` count.
+`data.pipeline` alone, in the trainer's uint8 wire format (`--float_pixels` for float32):
+images/s per host and the consuming process's CPU ms per image for each `--workers` count, the
+decoding's CPU ms per image (0 workers); `--accelerator=v5e-8 [--mfu=0.4]` adds what one host
+of that slice consumes at that MFU (and at 100 %) and the cores that takes (`host_need`).
 
 Analytic FLOPs per image (`analytic_flops`; multiply-adds count 2; norms, softmax and other
 elementwise work are left out). S = model.img_size, p = 14, N = (S/p)² patches, T = 1 + R + N
@@ -96,11 +100,12 @@ def cpu_matmul_peak(n: int = 2048, reps: int = 5) -> float:
 
 
 def batch_shapes(config: mlc.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """(shape, dtype) of each field of a global training batch (`pipeline.create`'s layout)."""
+  """(shape, dtype) of each field of a global training batch as the trainer feeds the step
+  (`train.device_batches`: `pipeline.create`'s layout, the pixels uint8)."""
   b, s, r = config.train.batch_size, config.model.img_size, config.render.resolution
   return {
-    'image': ((b, s, s, 3), jnp.float32),
-    'rgb': ((b, r, r, 3), jnp.float32),
+    'image': ((b, s, s, 3), jnp.uint8),
+    'rgb': ((b, r, r, 3), jnp.uint8),
     'depth': ((b, r, r, 1), jnp.float32),
     'label': ((b,), jnp.int32),
   }
@@ -346,13 +351,14 @@ def memory_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
 
 
 def synthetic_batch(config: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """A random global batch in the pipeline's layout, on the mesh (this host's rows)."""
+  """A random global batch as the trainer feeds the step (`batch_shapes`), on the mesh (this
+  host's rows)."""
   rng = np.random.default_rng(config.seed)
   rows = config.train.batch_size // jax.process_count()
   near, far = config.camera.near, config.camera.far
   fill = {
-    'image': lambda s: rng.standard_normal(s, np.float32),
-    'rgb': lambda s: rng.random(s, np.float32),
+    'image': lambda s: rng.integers(0, 256, s, np.uint8),
+    'rgb': lambda s: rng.integers(0, 256, s, np.uint8),
     'depth': lambda s: rng.uniform(near, far, s).astype(np.float32),
     'label': lambda s: np.zeros(s, np.int32),
   }
@@ -510,25 +516,90 @@ def profile_steps_of(
 # --- The input-pipeline benchmark. ---
 
 
-def pipeline_rate(config: mlc.ConfigDict, data, steps: int) -> float:
-  """Images/s of one host's `pipeline.create` iterator over `data`, after a warm-up batch
-  (worker start-up, first prefetch)."""
+def pipeline_rate(
+  config: mlc.ConfigDict, data, steps: int, *, float_pixels: bool = True, drains: int = 3
+) -> dict[str, float]:
+  """One host's `pipeline.create` iterator over `data`, timed after a warm-up batch (worker
+  start-up, first prefetch).
+
+  Returns {'images_per_s', 'main_cpu_ms_per_image'}: the rate over `steps` batches and this
+  process's CPU time (all its threads) per image meanwhile. With no workers that is the whole
+  cost of reading, decoding and augmenting an image. With workers it also holds what the
+  process burns waiting for them, so they add 'take_cpu_ms_per_image': its CPU time per image
+  to take batches that are ready (`drains` times: wait until the workers' buffers are full,
+  then draw them all) — the one consuming process's cost, which caps a host at 1000 / it
+  images/s however many cores decode.
+  """
   from triplane3d.data import pipeline
 
-  it = pipeline.create(config, data, block=0, process_count=1)
+  it = pipeline.create(config, data, block=0, process_count=1, float_pixels=float_pixels)
   next(it)
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for _ in range(steps):
     next(it)
-  rate = steps * config.train.batch_size / (time.perf_counter() - start)
+  cpu, wall = time.process_time() - cpu, time.perf_counter() - start
+  batch = config.train.batch_size
+  out = {'images_per_s': steps * batch / wall, 'main_cpu_ms_per_image': 1e3 * cpu / (steps * batch)}
+  if config.data.num_workers:
+    ready = config.data.num_workers * config.data.prefetch  # The workers' buffers, in batches.
+    spent = 0.0
+    for _ in range(drains):
+      time.sleep(0.1 + 2 * ready * batch / out['images_per_s'])  # Twice the time to fill them.
+      cpu = time.process_time()
+      for _ in range(ready):
+        next(it)
+      spent += time.process_time() - cpu
+    out['take_cpu_ms_per_image'] = 1e3 * spent / (drains * ready * batch)
   if hasattr(it, 'close'):
     it.close()
-  return rate
+  return out
 
 
-def data_benchmark(config: mlc.ConfigDict, *, workers: list[int], steps: int) -> dict[str, Any]:
-  """Images/s per host of the input pipeline alone, for each worker count. A synthetic source
-  without a data_dir or workdir is generated into a temporary directory."""
+# A TPU generation (`launch.topology`'s names) → its `PEAK_FLOPS` device kind.
+_GENERATION_KIND = {
+  'v4': 'TPU v4',
+  'v5p': 'TPU v5',
+  'v5litepod': 'TPU v5 lite',
+  'v6e': 'TPU v6 lite',
+}
+# vCPUs of a v5e TPU VM by its chips (Cloud TPU v5e docs, "VM types": ct5lp-hightpu-1t/4t/8t).
+_V5E_HOST_VCPUS = {1: 24, 4: 112, 8: 224}
+
+
+def host_need(config: mlc.ConfigDict, accelerator: str, mfu: float) -> dict[str, Any]:
+  """The images/s one host of a TPU slice (`accelerator`, e.g. 'v5litepod-8') consumes when its
+  chips run the config's train step at `mfu` of their dense bf16 peak, and at 100 % (the most
+  any step could ask), from the analytic FLOPs per image."""
+  from triplane3d.launch import topology
+
+  tpu = topology.parse(accelerator)
+  peak = dict(PEAK_FLOPS)[_GENERATION_KIND[tpu.generation]] * tpu.chips_per_host
+  per_image = analytic_flops(config)['train']
+  vcpus = _V5E_HOST_VCPUS.get(tpu.chips_per_host) if tpu.generation == 'v5litepod' else None
+  return {
+    'accelerator': tpu.accelerator,
+    'chips_per_host': tpu.chips_per_host,
+    'host_vcpus': vcpus,
+    'mfu': mfu,
+    'images_per_s': mfu * peak / per_image,
+    'images_per_s_at_100pct_mfu': peak / per_image,
+  }
+
+
+def data_benchmark(
+  config: mlc.ConfigDict,
+  *,
+  workers: list[int],
+  steps: int,
+  float_pixels: bool = False,
+  accelerator: str = '',
+  mfu: float = 0.4,
+) -> dict[str, Any]:
+  """The input pipeline alone, per host: images/s and the consuming process's CPU time per
+  image for each worker count; the CPU time per image of the decoding itself (the 0-worker
+  run); with `accelerator`, the rate a host of that slice needs (`host_need`) and the cores
+  that takes. A synthetic source without a data_dir or workdir is generated into a temporary
+  directory. `float_pixels=False` (default) times the trainer's uint8 wire format."""
   from triplane3d.data import pipeline
 
   config = config.copy_and_resolve_references()
@@ -536,18 +607,36 @@ def data_benchmark(config: mlc.ConfigDict, *, workers: list[int], steps: int) ->
     if config.data.source == 'synthetic' and not (config.data.data_dir or config.workdir):
       config.data.data_dir = tmp
     data = pipeline.prepare(config)
-    rates = {}
+    runs = {}
     for w in workers:
       config.data.num_workers = w
-      rates[str(w)] = pipeline_rate(config, data, steps)
-  return {
+      runs[str(w)] = pipeline_rate(config, data, steps, float_pixels=float_pixels)
+  result = {
     'mode': 'data',
     'source': config.data.source,
     'batch_per_host': config.train.batch_size,
     'image_size': config.model.img_size,
     'render_resolution': config.render.resolution,
-    'images_per_s_per_host': rates,
+    'pixels': 'float32' if float_pixels else 'uint8',
+    'images_per_s_per_host': {w: r['images_per_s'] for w, r in runs.items()},
+    'main_cpu_ms_per_image': {w: r['main_cpu_ms_per_image'] for w, r in runs.items()},
+    'take_cpu_ms_per_image': {
+      w: r['take_cpu_ms_per_image'] for w, r in runs.items() if 'take_cpu_ms_per_image' in r
+    },
   }
+  if '0' in runs:
+    result['decode_cpu_ms_per_image'] = runs['0']['main_cpu_ms_per_image']
+  if accelerator:
+    need = host_need(config, accelerator, mfu)
+    result['host_need'] = need
+    if '0' in runs:
+      ms = result['decode_cpu_ms_per_image']
+      result['decode_cores_needed'] = need['images_per_s'] * ms / 1e3
+      result['decode_cores_needed_at_100pct_mfu'] = need['images_per_s_at_100pct_mfu'] * ms / 1e3
+    if result['take_cpu_ms_per_image']:  # The consuming process's ceiling (most workers).
+      most = max(result['take_cpu_ms_per_image'], key=int)
+      result['main_process_max_images_per_s'] = 1e3 / result['take_cpu_ms_per_image'][most]
+  return result
 
 
 def _fmt(v: Any) -> str:
@@ -562,6 +651,11 @@ def table(result: dict[str, Any]) -> str:
   for k, v in result.items():
     if isinstance(v, dict) and k == 'images_per_s_per_host':
       lines += [f'{"images/s/host, " + w + " workers":<34} {r:.1f}' for w, r in v.items()]
+    elif isinstance(v, dict) and k in ('main_cpu_ms_per_image', 'take_cpu_ms_per_image'):
+      what = k.split('_cpu')[0]
+      lines += [f'{what + " CPU ms/image, " + w + " workers":<34} {r:.3f}' for w, r in v.items()]
+    elif isinstance(v, dict) and k == 'host_need':
+      lines += [f'{"host need: " + a:<34} {_fmt(b)}' for a, b in v.items()]
     elif isinstance(v, dict) and k in ('flops_per_image_analytic_parts', 'memory_analysis'):
       lines.append(f'{k:<34} ' + ', '.join(f'{a} {_fmt(float(b))}' for a, b in v.items()))
     elif isinstance(v, dict) and k == 'device_time':
@@ -594,7 +688,14 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   config = f.config
   if f.mode == 'data':
-    result = data_benchmark(config, workers=[int(w) for w in f.workers], steps=f.steps)
+    result = data_benchmark(
+      config,
+      workers=[int(w) for w in f.workers],
+      steps=f.steps,
+      float_pixels=f.float_pixels,
+      accelerator=f.accelerator,
+      mfu=f.mfu,
+    )
   else:
     result = step_benchmark(
       config,
@@ -625,6 +726,13 @@ def _define_flags() -> None:
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
   flags.DEFINE_float('peak_flops', None, 'Peak FLOP/s per device for MFU (default: table).')
   flags.DEFINE_list('workers', ['0', '2', '4'], '--mode=data: grain worker counts to time.')
+  flags.DEFINE_bool(
+    'float_pixels', False, "--mode=data: time float32 pixels, not the trainer's uint8."
+  )
+  flags.DEFINE_string(
+    'accelerator', '', '--mode=data: also the rate one host of this TPU slice needs (v5e-8).'
+  )
+  flags.DEFINE_float('mfu', 0.4, '--mode=data --accelerator: the MFU that rate assumes.')
   flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
   flags.DEFINE_string('profile', None, 'Trace more steps into this directory and summarise them.')
   flags.DEFINE_integer('profile_steps', 2, '--profile: how many steps to trace.')

@@ -16,6 +16,11 @@ def data_dir(tmp_path_factory):
   return d
 
 
+# Jitted, x / 255 may differ from numpy's by one float32 rounding (XLA multiplies by the
+# reciprocal); ImageNet normalisation then divides that by the std.
+_ONE_ROUNDING = float(np.finfo(np.float32).eps / transforms.IMAGENET_STD.min())
+
+
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -54,6 +59,31 @@ def test_shapes_ranges_and_same_crop_and_flip(data_dir):
     )
   # The check above can fail: a depth flipped relative to its image would be far off.
   assert max(flipped_err) > 0.1
+
+
+def test_uint8_pixels_are_the_same_examples_and_convert_to_the_float_layout(data_dir):
+  """`float_pixels=False` (the trainer's wire format): the same crops and flips as uint8, which
+  `transforms.float_pixels` turns into exactly the float batch on the host and into it within
+  one rounding jitted."""
+  import jax
+
+  c = dft.config(data_dir)
+  data = pipeline.prepare(c)
+  floats = _take(pipeline.create(c, data, block=0, process_count=1), 5)
+  raws = _take(pipeline.create(c, data, block=0, process_count=1, float_pixels=False), 5)
+  to_float = jax.jit(transforms.float_pixels)
+  for f, r in zip(floats, raws, strict=True):
+    assert r['image'].dtype == np.uint8 and r['image'].shape == (8, 24, 24, 3)
+    assert r['rgb'].dtype == np.uint8 and r['rgb'].shape == (8, 32, 32, 3)
+    host = transforms.float_pixels(r)
+    for k in f:
+      np.testing.assert_array_equal(host[k], f[k], err_msg=k)
+    dev = to_float(r)
+    for k in f:
+      assert dev[k].dtype == f[k].dtype, k
+      np.testing.assert_allclose(np.asarray(dev[k]), f[k], rtol=0, atol=_ONE_ROUNDING, err_msg=k)
+    # The float batch is not the uint8 one cast: the conversion is there to check.
+    assert np.abs(host['image'] - r['image']).max() > 1
 
 
 def test_two_hosts_with_workers_disjoint_cover_and_resume(data_dir):

@@ -158,3 +158,32 @@ def test_an_error_reaches_the_consumer_after_the_good_batches():
 def test_a_negative_size_is_refused(data_dir):
   with pytest.raises(ValueError, match=r'data.device_prefetch must be .* >= 0.*got -1'):
     DevicePrefetch(_create(data_dir), lambda b: b, -1)
+
+
+def test_the_trainers_batches_are_uint8_on_the_devices_and_the_step_sees_floats(data_dir, devices):
+  """`train.device_batches` places uint8 pixels; `train.float_batch` (what the step applies)
+  turns them into the float pipeline's batches placed directly, within one float32 rounding."""
+  from triplane3d import train
+
+  c = dft.config(data_dir)
+  c.data.device_prefetch = 2
+  data = pipeline.prepare(c)
+  put = _Put()
+  want = [put(b) for b in _take(pipeline.create(c, data, block=0, process_count=1), 3)]
+  it = train.device_batches(c, data, put.mesh, 0)
+  try:
+    got = _take(it, 3)
+  finally:
+    it.close()
+  to_float = jax.jit(train.float_batch)
+  for w, g in zip(want, got, strict=True):
+    assert g['image'].dtype == g['rgb'].dtype == np.uint8
+    assert g['image'].sharding.is_equivalent_to(w['image'].sharding, 4)
+    f = to_float(g)
+    assert set(f) == set(w)
+    for k in w:
+      assert f[k].dtype == w[k].dtype, k
+      # One float32 rounding of x / 255 (XLA multiplies by the reciprocal), over the std.
+      atol = 6e-7 if k in ('image', 'rgb') else 0
+      np.testing.assert_allclose(np.asarray(f[k]), np.asarray(w[k]), rtol=0, atol=atol, err_msg=k)
+  assert train.float_batch(want[0]) is want[0]  # A float batch passes as it is.
