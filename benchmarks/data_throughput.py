@@ -9,7 +9,7 @@ gives them; uint8 as the trainer moves them and converts on the devices), altern
 `--rounds`:
 
   imagenet-like  the paper's data path: a TFDS ArrayRecord dataset of 500×375 JPEGs (quality
-                 90, ~105 KB: ImageNet's mean file size; synthetic scenes upscaled, with noise
+                 90, ~106 KB: ImageNet's mean file size; synthetic scenes upscaled, with noise
                  for a photo's entropy) joined with 16-bit PNG depth at 256×192 (what
                  `precompute_depth --max_side=256` stores); configs/vitb.py's data settings
                  (224² input, 256² targets, crop scale 0.08–1, percentile depth), batch 32
@@ -18,8 +18,8 @@ gives them; uint8 as the trainer moves them and converts on the devices), altern
 
 For each it prints images/s per host and the process's CPU ms per image: with 0 workers the
 cost of decoding and augmenting; with workers the consuming process's, waits included, and
-beside it what taking ready batches costs (what caps a host's rate: `benchmark.pipeline_rate`);
-then the rate one host of `--accelerator` consumes when
+beside it ("take") what taking the workers' batches costs it, waits excluded — what caps a
+host's rate (`benchmark.pipeline_rate`); then the rate one host of `--accelerator` consumes when
 its chips run the ViT-B/14 paper step at `--mfu` and at 100 % of their peak (`benchmark.
 host_need`), the cores that decoding takes and the consuming process's headroom.
 """
@@ -46,7 +46,7 @@ _ACCEL = flags.DEFINE_string('accelerator', 'v5e-8', 'The TPU slice whose one ho
 _MFU = flags.DEFINE_float('mfu', 0.4, 'The MFU the needed rate assumes (also shown at 100 %).')
 
 # ImageNet's mean JPEG is ~110 KB; Gaussian noise of this σ (8-bit levels) on the upscaled
-# scenes gives ~105 KB at 500×375, quality 90.
+# scenes gives ~106 KB at 500×375, quality 90.
 _JPEG_SIZE, _JPEG_NOISE, _JPEG_QUALITY = (500, 375), 24.0, 90
 _DEPTH_SIZE = (256, 192)
 

@@ -97,6 +97,33 @@ def test_accumulated_gradient_equals_one_big_batch(data_dir, accum_steps, overri
   _assert_metrics_equal(metrics, metrics1)
 
 
+@pytest.mark.parametrize('accum_steps', [1, 2])
+def test_the_step_converts_uint8_pixels_itself(data_dir, accum_steps):
+  """The trainer feeds uint8 pixels (`train.device_batches`); the step converts them, per
+  micro-batch, to what the float pipeline gives: the same gradient and metrics. The same
+  pixels merely cast to float32 (0–255 inputs and targets) give another gradient."""
+  config = _config(data_dir, accum_steps, DATA)
+  setup, state, teacher, batch, k_train = _inputs(config, RECORD)
+  mesh = setup.mesh
+  data = pipeline.prepare(config)
+  raw = sharding.to_global(next(pipeline.create(config, data, float_pixels=False)), mesh)
+  assert raw['image'].dtype == raw['rgb'].dtype == jnp.uint8
+  step = jax.jit(train.make_train_step(setup, config, k_train))
+  results = []
+  cast = {**raw, 'image': raw['image'].astype(jnp.float32), 'rgb': raw['rgb'].astype(jnp.float32)}
+  for b in (batch, raw, cast):
+    new_state, metrics = step(state, teacher, b)
+    results.append((jax.tree.leaves(new_state['opt_state']), metrics))
+  (want, want_m), (got, got_m), (wrong, _) = results
+  for a, b in zip(got, want, strict=True):
+    # The inputs differ by float32 roundings (≤ 1e-6): tolerances as for accumulation above.
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  _assert_metrics_equal(
+    {k: float(v) for k, v in got_m.items()}, {k: float(v) for k, v in want_m.items()}
+  )
+  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(wrong, want)) > 1e-3
+
+
 def test_accumulated_adam_step_equals_one_big_batch(data_dir):
   """The trainer's own jitted, sharded, donating step with Adam: the same new parameters."""
   over = {**FSDP, 'optim.lr': 1e-4}

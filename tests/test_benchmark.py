@@ -108,8 +108,10 @@ def test_data_mode_times_the_pipeline_per_worker_count(tmp_path):
   assert r['decode_cores_needed'] == pytest.approx(
     need['images_per_s'] * r['decode_cpu_ms_per_image'] / 1e3
   )
-  assert set(r['take_cpu_ms_per_image']) == {'1'} and r['take_cpu_ms_per_image']['1'] > 0
-  assert r['main_process_max_images_per_s'] == pytest.approx(1e3 / r['take_cpu_ms_per_image']['1'])
+  take = r['take_cpu_ms_per_image']
+  assert set(take) == {'1'} and 0 <= take['1'] < r['main_cpu_ms_per_image']['0']
+  if take['1'] > 0:  # Less the idle wait's cost, a tiny batch's take can come out as 0.
+    assert r['main_process_max_images_per_s'] == pytest.approx(1e3 / take['1'])
   assert '1 workers' in proc.stdout and 'host need: images_per_s' in proc.stdout
 
 

@@ -517,18 +517,21 @@ def profile_steps_of(
 
 
 def pipeline_rate(
-  config: mlc.ConfigDict, data, steps: int, *, float_pixels: bool = True, drains: int = 3
+  config: mlc.ConfigDict, data, steps: int, *, float_pixels: bool = False, drains: int = 3
 ) -> dict[str, float]:
   """One host's `pipeline.create` iterator over `data`, timed after a warm-up batch (worker
-  start-up, first prefetch).
+  start-up, first prefetch); `float_pixels` as there (default: the trainer's uint8).
 
   Returns {'images_per_s', 'main_cpu_ms_per_image'}: the rate over `steps` batches and this
   process's CPU time (all its threads) per image meanwhile. With no workers that is the whole
-  cost of reading, decoding and augmenting an image. With workers it also holds what the
-  process burns waiting for them, so they add 'take_cpu_ms_per_image': its CPU time per image
-  to take batches that are ready (`drains` times: wait until the workers' buffers are full,
-  then draw them all) — the one consuming process's cost, which caps a host at 1000 / it
-  images/s however many cores decode.
+  cost of reading, decoding and augmenting an image. With workers it also counts the process
+  polling while it waits for them, so they add 'take_cpu_ms_per_image': what taking the
+  workers' batches costs it per image when they keep up — its threads read each batch out of
+  shared memory as it comes, so whole cycles are timed (draw the batches the workers' buffers
+  hold, then wait while they refill; `drains` cycles), less what the same wait costs with
+  nothing to take. The one consuming process caps a host near 1000 / that images/s however
+  many cores decode. Placing the batches on the devices (`sharding.to_global`, in the same
+  process) is not included.
   """
   from triplane3d.data import pipeline
 
@@ -542,14 +545,19 @@ def pipeline_rate(
   out = {'images_per_s': steps * batch / wall, 'main_cpu_ms_per_image': 1e3 * cpu / (steps * batch)}
   if config.data.num_workers:
     ready = config.data.num_workers * config.data.prefetch  # The workers' buffers, in batches.
+    pause = 0.1 + 2 * ready * batch / out['images_per_s']  # Twice the time to refill them.
+    time.sleep(pause)
+    cpu = time.process_time()
+    time.sleep(pause)  # Buffers full: nothing to take.
+    idle = time.process_time() - cpu
     spent = 0.0
     for _ in range(drains):
-      time.sleep(0.1 + 2 * ready * batch / out['images_per_s'])  # Twice the time to fill them.
       cpu = time.process_time()
       for _ in range(ready):
         next(it)
-      spent += time.process_time() - cpu
-    out['take_cpu_ms_per_image'] = 1e3 * spent / (drains * ready * batch)
+      time.sleep(pause)
+      spent += time.process_time() - cpu - idle
+    out['take_cpu_ms_per_image'] = 1e3 * max(spent, 0.0) / (drains * ready * batch)
   if hasattr(it, 'close'):
     it.close()
   return out
@@ -572,6 +580,8 @@ def host_need(config: mlc.ConfigDict, accelerator: str, mfu: float) -> dict[str,
   any step could ask), from the analytic FLOPs per image."""
   from triplane3d.launch import topology
 
+  if not 0 < mfu <= 1:
+    raise ValueError(f'--mfu must be in (0, 1], got {mfu}.')
   tpu = topology.parse(accelerator)
   peak = dict(PEAK_FLOPS)[_GENERATION_KIND[tpu.generation]] * tpu.chips_per_host
   per_image = analytic_flops(config)['train']
@@ -633,9 +643,9 @@ def data_benchmark(
       ms = result['decode_cpu_ms_per_image']
       result['decode_cores_needed'] = need['images_per_s'] * ms / 1e3
       result['decode_cores_needed_at_100pct_mfu'] = need['images_per_s_at_100pct_mfu'] * ms / 1e3
-    if result['take_cpu_ms_per_image']:  # The consuming process's ceiling (most workers).
-      most = max(result['take_cpu_ms_per_image'], key=int)
-      result['main_process_max_images_per_s'] = 1e3 / result['take_cpu_ms_per_image'][most]
+    takes = result['take_cpu_ms_per_image']
+    if takes and takes[max(takes, key=int)] > 0:  # The consuming process's cap (most workers).
+      result['main_process_max_images_per_s'] = 1e3 / takes[max(takes, key=int)]
   return result
 
 

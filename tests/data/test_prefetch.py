@@ -162,7 +162,7 @@ def test_a_negative_size_is_refused(data_dir):
 
 def test_the_trainers_batches_are_uint8_on_the_devices_and_the_step_sees_floats(data_dir, devices):
   """`train.device_batches` places uint8 pixels; `train.float_batch` (what the step applies)
-  turns them into the float pipeline's batches placed directly, within one float32 rounding."""
+  turns them into the float pipeline's batches placed directly, within a few float32 roundings."""
   from triplane3d import train
 
   c = dft.config(data_dir)
@@ -183,7 +183,7 @@ def test_the_trainers_batches_are_uint8_on_the_devices_and_the_step_sees_floats(
     assert set(f) == set(w)
     for k in w:
       assert f[k].dtype == w[k].dtype, k
-      # One float32 rounding of x / 255 (XLA multiplies by the reciprocal), over the std.
-      atol = 6e-7 if k in ('image', 'rgb') else 0
+      # A few float32 roundings: XLA multiplies by the reciprocals of 255 and of the std.
+      atol = 1e-6 if k in ('image', 'rgb') else 0
       np.testing.assert_allclose(np.asarray(f[k]), np.asarray(w[k]), rtol=0, atol=atol, err_msg=k)
   assert train.float_batch(want[0]) is want[0]  # A float batch passes as it is.
