@@ -78,11 +78,22 @@ def test_exif_orientation_is_applied(tmp_path):
   exif = Image.Exif()
   exif[_EXIF_ORIENTATION] = 6  # "Rotate 90° clockwise to display."
   Image.fromarray(a).save(tmp_path / 'rot.jpg', exif=exif, quality=95)
-  rgb = np.asarray(images.open_rgb(tmp_path / 'rot.jpg')).astype(int)
-  assert rgb.shape == (40, 20, 3)  # Displayed portrait.
-  # Turned clockwise, the stored left (red) half is on top.
-  assert (rgb[:15, :, 0] > 200).all() and (rgb[:15, :, 2] < 60).all()
-  assert (rgb[25:, :, 2] > 200).all() and (rgb[25:, :, 0] < 60).all()
+  path = tmp_path / 'rot.jpg'
+  for src in (path, path.read_bytes()):  # A file, and bytes as training reads them.
+    rgb = np.asarray(images.open_rgb(src)).astype(int)
+    assert rgb.shape == (40, 20, 3)  # Displayed portrait.
+    # Turned clockwise, the stored left (red) half is on top.
+    assert (rgb[:15, :, 0] > 200).all() and (rgb[:15, :, 2] < 60).all()
+    assert (rgb[25:, :, 2] > 200).all() and (rgb[25:, :, 0] < 60).all()
+
+
+def test_an_rgb_jpeg_from_bytes_decodes_to_its_pixels():
+  a = np.random.default_rng(0).integers(0, 256, (24, 32, 3), np.uint8)
+  data = _encode(Image.fromarray(a), 'JPEG')
+  img = images.open_rgb(data)
+  with Image.open(io.BytesIO(data)) as ref:
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(ref.convert('RGB')))
+  assert img.mode == 'RGB' and img.size == (32, 24)
 
 
 def test_transparent_pixels_take_the_background_colour(tmp_path):

@@ -63,6 +63,9 @@ def _to_8bit_grey(img: Image.Image) -> Image.Image:
   return Image.fromarray(q, mode='L')
 
 
+_ORIENTATION = 0x0112  # The EXIF Orientation tag.
+
+
 def _has_alpha(img: Image.Image) -> bool:
   return img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
 
@@ -87,6 +90,14 @@ def open_rgb(data: bytes | str | os.PathLike) -> Image.Image:
   Raises whatever PIL raises for unreadable, truncated or over-large files
   (`Image.DecompressionBombError` past twice `Image.MAX_IMAGE_PIXELS`).
   """
-  src = io.BytesIO(bytes(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
-  with Image.open(src) as img:
-    return to_rgb(img)
+  if not isinstance(data, (bytes, bytearray, memoryview)):
+    with Image.open(data) as img:
+      return to_rgb(img)
+  # From bytes no file is held open, so nothing needs closing, and an image that is already
+  # what `to_rgb` makes is returned as it is, without its copy (0.2 ms per ImageNet-sized
+  # JPEG, in every training example).
+  img = Image.open(io.BytesIO(bytes(data)))
+  img.load()  # Full decode first: truncated files raise here.
+  if img.mode == 'RGB' and not _has_alpha(img) and img.getexif().get(_ORIENTATION, 1) == 1:
+    return img
+  return to_rgb(img)
