@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 NUM_STEPS, CKPT_EVERY = 10, 3  # Checkpoints 3, 6, 9 and the final 10; keep_ckpts=3 prunes 3.
 SAVE_STEPS = [s for s in range(CKPT_EVERY, NUM_STEPS, CKPT_EVERY)]  # Saves with one after them.
 TMP = '.orbax-checkpoint-tmp'
-TIMING = {'first_step_s', 'images_per_sec'}  # Wall-clock numbers: the only keys allowed to differ.
+# Wall-clock numbers: the only keys allowed to differ.
+TIMING = {'first_step_s', 'images_per_sec', 'data_wait'}
 TIMEOUT_S = 300  # Per process; a loaded 2-core machine takes ~15 s to start one.
 BEFORE, DURING, BETWEEN = 'before the first checkpoint', 'during a save', 'between checkpoints'
 PLAN = [BEFORE, DURING, BETWEEN, DURING]  # Then one run to the end.

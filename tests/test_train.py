@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -183,6 +184,43 @@ def test_conv_decoder_ablation_trains(data_dir, tmp_path):
   want = result['state']['params']['backbone']
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_slow_input_pipeline_is_measured_and_named(data_dir, tmp_path, monkeypatch, caplog):
+  """Batches that arrive 0.4 s late (the step takes milliseconds): each log window reports the
+  share of its time the loop waited for data, and the run warns once, naming the fix."""
+  from triplane3d.data import prefetch
+
+  plain_next = prefetch.DevicePrefetch.__next__
+
+  def late_next(self):
+    time.sleep(0.4)
+    return plain_next(self)
+
+  monkeypatch.setattr(prefetch.DevicePrefetch, '__next__', late_next)
+  over = {'decoder.kind': 'conv', 'train.num_steps': 4, 'train.log_every_steps': 1}
+  workdir = tmp_path / 'slow'
+  with caplog.at_level(logging.WARNING):
+    train.run(tiny_config(data_dir, **over), str(workdir))
+  lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  waits = [x['data_wait'] for x in lines if 'data_wait' in x]
+  assert len(waits) == 3 and all(0.5 < w <= 1 for w in waits), waits  # Steps 2–4.
+  assert 'first_step_s' in lines[0] and 'data_wait' not in lines[0]  # The compiling step.
+  warned = [
+    r.getMessage() for r in caplog.records if 'input pipeline is the bottleneck' in r.getMessage()
+  ]
+  assert len(warned) == 1 and 'data.num_workers' in warned[0], warned
+
+
+def test_input_bound_windows_warn_others_do_not(caplog):
+  from triplane3d.configs import common
+
+  config = common.get_base_config()
+  with caplog.at_level(logging.WARNING):
+    assert train.warn_if_input_bound(7, {'data_wait': 0.35}, config)
+  assert 'step 7' in caplog.text and '35%' in caplog.text and '(now 8)' in caplog.text
+  assert not train.warn_if_input_bound(7, {'data_wait': 0.05}, config)
+  assert not train.warn_if_input_bound(7, {'total': 1.0}, config)  # The compiling window.
 
 
 def test_init_from_dinov2_checkpoint_and_a_frozen_group(data_dir, tmp_path):

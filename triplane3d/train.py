@@ -542,7 +542,9 @@ class _Meter:
   refused when non-finite (before anything is saved); averaged and timed per log window.
 
   The first step of a process compiles: it is timed on its own and left out of the images/s
-  window (it would read 1–5 img/s against a steady 30–50 on 2 CPU cores).
+  window (it would read 1–5 img/s against a steady 30–50 on 2 CPU cores). `data_wait` is the
+  share of the window the loop spent waiting for its next batch: with the steps dispatched
+  ahead, the loop only waits when the input pipeline is slower than the devices.
   """
 
   def __init__(self, ckpt: checkpoint.Checkpointer):
@@ -554,9 +556,11 @@ class _Meter:
     self._steps = 0  # Steps in the window, the compiling first step excluded.
     self._logged_first = False
     self._t0 = time.perf_counter()
+    self._waited = 0.0  # Seconds spent waiting for batches in the window.
 
-  def add(self, step: int, metrics: dict, *, first: bool) -> None:
-    """Queues `step`'s metrics after fetching the previous step's (while this one runs)."""
+  def add(self, step: int, metrics: dict, *, first: bool, waited: float = 0.0) -> None:
+    """Queues `step`'s metrics after fetching the previous step's (while this one runs);
+    `waited`: the seconds the loop waited for this step's batch."""
     self.drain()
     self._pending = (step, metrics)
     if first:
@@ -567,6 +571,7 @@ class _Meter:
       self._t0 = time.perf_counter()
     else:
       self._steps += 1
+      self._waited += waited
 
   def drain(self) -> None:
     """Fetches the pending step's metrics, refusing NaN/Inf."""
@@ -595,17 +600,20 @@ class _Meter:
     means = {k: float(np.mean([w[k] for w in self._window])) for k in self._window[0]}
     if self._steps:
       means['images_per_sec'] = self._steps * batch_size / max(dt, 1e-9)
+      means['data_wait'] = min(self._waited / max(dt, 1e-9), 1.0)
     if not self._logged_first:
       means['first_step_s'] = self.first_step_s
       self._logged_first = True
     self._window.clear()
     self._steps = 0
+    self._waited = 0.0
     return means
 
   def restart_clock(self) -> None:
     """Times a new window from now, after any image or checkpoint work, if one just began."""
     if self._steps == 0:
       self._t0 = time.perf_counter()
+      self._waited = 0.0
 
 
 def _loop(
@@ -642,10 +650,12 @@ def _loop(
     meter.restart_clock()
     step = start
     while step < setup.num_steps:
+      waiting = time.perf_counter()
       batch = next(ctx.data_iter)  # Global and sharded already (`prefetch`).
+      waited = time.perf_counter() - waiting
       state, metrics = step_fn(state, batch)
       step += 1
-      meter.add(step, metrics, first=step == start + 1)
+      meter.add(step, metrics, first=step == start + 1, waited=waited)
       stop = ctx.guard.should_stop(step)
       last = step == setup.num_steps
       image_step = bool(every) and (step % every == 0 or last)
@@ -663,6 +673,9 @@ def _loop(
         if 'densities_died' not in result and jax.process_index() == 0:
           if warn_if_densities_died(step, means, config):
             result['densities_died'] = step  # Warned once, at this step.
+        if 'input_bound' not in result and jax.process_index() == 0:
+          if warn_if_input_bound(step, means, config):
+            result['input_bound'] = step
       if image_step:
         draw(step)
       if stop or last or ctx.ckpt.due(step):
@@ -705,6 +718,28 @@ def warn_if_densities_died(step: int, means: dict, config: mlc.ConfigDict) -> bo
     '"Density death".',
     step,
     norm,
+  )
+  return True
+
+
+# A log window whose step waited this share of its time for the next batch is input-bound.
+INPUT_BOUND = 0.1
+
+
+def warn_if_input_bound(step: int, means: dict, config: mlc.ConfigDict) -> bool:
+  """Logs a warning naming the fix when the devices waited for data in a log window (more than
+  `INPUT_BOUND` of its time, `data_wait`); returns whether it did."""
+  wait = means.get('data_wait')
+  if wait is None or wait <= INPUT_BOUND:
+    return False
+  logging.warning(
+    'step %d: the step waited %.0f%% of the last log window for its next batch: the input '
+    'pipeline is the bottleneck. Raise --config.data.num_workers (now %d) or data.prefetch; '
+    '`python -m triplane3d.benchmark --mode=data --accelerator=...` measures what a host '
+    'needs (docs/data.md, "Throughput").',
+    step,
+    100 * wait,
+    config.data.num_workers,
   )
   return True
 
