@@ -543,8 +543,9 @@ class _Meter:
 
   The first step of a process compiles: it is timed on its own and left out of the images/s
   window (it would read 1–5 img/s against a steady 30–50 on 2 CPU cores). `data_wait` is the
-  share of the window the loop spent waiting for its next batch: with the steps dispatched
-  ahead, the loop only waits when the input pipeline is slower than the devices.
+  share of the window the loop spent blocked for a batch that was not ready
+  (`prefetch.DevicePrefetch.waited_s`): with the steps dispatched ahead and the next batch
+  placed during a step, only an input pipeline slower than the devices makes it wait.
   """
 
   def __init__(self, ckpt: checkpoint.Checkpointer):
@@ -600,7 +601,7 @@ class _Meter:
     means = {k: float(np.mean([w[k] for w in self._window])) for k in self._window[0]}
     if self._steps:
       means['images_per_sec'] = self._steps * batch_size / max(dt, 1e-9)
-      means['data_wait'] = min(self._waited / max(dt, 1e-9), 1.0)
+      means['data_wait'] = self._waited / max(dt, 1e-9)
     if not self._logged_first:
       means['first_step_s'] = self.first_step_s
       self._logged_first = True
@@ -644,15 +645,16 @@ def _loop(
       result['images'].append(path)
 
   every = train_cfg.image_every_steps  # 0: no grids (each costs a render program's compile).
+  last_wait = None  # The previous log window's data_wait.
   try:
     if start == 0 and every:
       draw(0)
     meter.restart_clock()
     step = start
     while step < setup.num_steps:
-      waiting = time.perf_counter()
+      waited = getattr(ctx.data_iter, 'waited_s', 0.0)
       batch = next(ctx.data_iter)  # Global and sharded already (`prefetch`).
-      waited = time.perf_counter() - waiting
+      waited = getattr(ctx.data_iter, 'waited_s', 0.0) - waited
       state, metrics = step_fn(state, batch)
       step += 1
       meter.add(step, metrics, first=step == start + 1, waited=waited)
@@ -674,8 +676,9 @@ def _loop(
           if warn_if_densities_died(step, means, config):
             result['densities_died'] = step  # Warned once, at this step.
         if 'input_bound' not in result and jax.process_index() == 0:
-          if warn_if_input_bound(step, means, config):
+          if warn_if_input_bound(step, means.get('data_wait'), last_wait, config):
             result['input_bound'] = step
+        last_wait = means.get('data_wait')
       if image_step:
         draw(step)
       if stop or last or ctx.ckpt.due(step):
@@ -722,23 +725,33 @@ def warn_if_densities_died(step: int, means: dict, config: mlc.ConfigDict) -> bo
   return True
 
 
-# A log window whose step waited this share of its time for the next batch is input-bound.
+# Two log windows in a row whose loop waited this share of their time for data are input-bound.
 INPUT_BOUND = 0.1
 
 
-def warn_if_input_bound(step: int, means: dict, config: mlc.ConfigDict) -> bool:
-  """Logs a warning naming the fix when the devices waited for data in a log window (more than
-  `INPUT_BOUND` of its time, `data_wait`); returns whether it did."""
-  wait = means.get('data_wait')
-  if wait is None or wait <= INPUT_BOUND:
+def warn_if_input_bound(
+  step: int, wait: float | None, previous: float | None, config: mlc.ConfigDict
+) -> bool:
+  """Logs a warning naming the fix when the loop waited for data more than `INPUT_BOUND` of the
+  time in this log window and the one before (`data_wait`; one slow window is a hiccup: a
+  worker starting, a slow read); returns whether it did."""
+  if wait is None or previous is None or min(wait, previous) <= INPUT_BOUND:
     return False
+  sync = ''
+  if config.data.device_prefetch == 0:
+    sync = (
+      ' data.device_prefetch=0 draws and places each batch while the devices wait: set it to '
+      '1 first.'
+    )
   logging.warning(
-    'step %d: the step waited %.0f%% of the last log window for its next batch: the input '
-    'pipeline is the bottleneck. Raise --config.data.num_workers (now %d) or data.prefetch; '
-    '`python -m triplane3d.benchmark --mode=data --accelerator=...` measures what a host '
-    'needs (docs/data.md, "Throughput").',
+    'step %d: the loop waited %.0f%% and %.0f%% of the last two log windows for its next '
+    'batch: the input pipeline is the bottleneck.%s Raise --config.data.num_workers (now %d) '
+    'or data.prefetch; `python -m triplane3d.benchmark --mode=data --accelerator=...` '
+    'measures what a host needs (docs/data.md, "Throughput").',
     step,
+    100 * previous,
     100 * wait,
+    sync,
     config.data.num_workers,
   )
   return True

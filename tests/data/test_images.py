@@ -94,34 +94,47 @@ def test_an_rgb_jpeg_from_bytes_decodes_to_its_pixels():
   with Image.open(io.BytesIO(data)) as ref:
     np.testing.assert_array_equal(np.asarray(img), np.asarray(ref.convert('RGB')))
   assert img.mode == 'RGB' and img.size == (32, 24)
+  assert img.format == 'JPEG'  # The decoded image itself, not `to_rgb`'s copy.
+
+
+def _from_file_and_bytes(path):
+  """`open_rgb` of a file, and of its bytes (as training reads them), as int arrays."""
+  return [np.asarray(images.open_rgb(src)).astype(int) for src in (path, path.read_bytes())]
 
 
 def test_transparent_pixels_take_the_background_colour(tmp_path):
+  bg = np.asarray(images.BACKGROUND)
   a = np.zeros((2, 3, 4), np.uint8)
   a[..., 2] = 255  # Every pixel stores blue ...
   a[0, 0, 3], a[0, 1, 3], a[0, 2, 3] = 0, 255, 128  # ... transparent, opaque, half.
   a[1, :, 3] = 0
   Image.fromarray(a, mode='RGBA').save(tmp_path / 'rgba.png')
-  rgb = np.asarray(images.open_rgb(tmp_path / 'rgba.png')).astype(int)
-  bg = np.asarray(images.BACKGROUND)
-  np.testing.assert_array_equal(rgb[0, 0], bg)
-  np.testing.assert_array_equal(rgb[1], np.tile(bg, (3, 1)))
-  np.testing.assert_array_equal(rgb[0, 1], [0, 0, 255])
-  np.testing.assert_allclose(rgb[0, 2], (bg * 127 + np.array([0, 0, 255]) * 128) / 255, atol=1)
+  for rgb in _from_file_and_bytes(tmp_path / 'rgba.png'):
+    np.testing.assert_array_equal(rgb[0, 0], bg)
+    np.testing.assert_array_equal(rgb[1], np.tile(bg, (3, 1)))
+    np.testing.assert_array_equal(rgb[0, 1], [0, 0, 255])
+    np.testing.assert_allclose(rgb[0, 2], (bg * 127 + np.array([0, 0, 255]) * 128) / 255, atol=1)
 
   la = np.stack([np.full((2, 2), 10, np.uint8), np.array([[0, 255], [255, 0]], np.uint8)], -1)
   Image.fromarray(la, mode='LA').save(tmp_path / 'la.png')
-  rgb = np.asarray(images.open_rgb(tmp_path / 'la.png'))
-  np.testing.assert_array_equal(rgb[0, 0], bg)
-  np.testing.assert_array_equal(rgb[0, 1], [10, 10, 10])
+  for rgb in _from_file_and_bytes(tmp_path / 'la.png'):
+    np.testing.assert_array_equal(rgb[0, 0], bg)
+    np.testing.assert_array_equal(rgb[0, 1], [10, 10, 10])
 
   p = Image.new('P', (2, 1))
   p.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
   p.putpixel((0, 0), 0)
   p.putpixel((1, 0), 1)
   p.save(tmp_path / 'p.png', transparency=0)  # Palette entry 0 (black) is transparent.
-  rgb = np.asarray(images.open_rgb(tmp_path / 'p.png'))
-  np.testing.assert_array_equal(rgb[0], [bg, [0, 255, 0]])
+  for rgb in _from_file_and_bytes(tmp_path / 'p.png'):
+    np.testing.assert_array_equal(rgb[0], [bg, [0, 255, 0]])
+
+  # An RGB PNG with a transparent colour (tRNS): mode 'RGB', so only its info says so.
+  c = np.zeros((1, 2, 3), np.uint8)
+  c[0, 1] = [0, 255, 0]
+  Image.fromarray(c).save(tmp_path / 'trns.png', transparency=(0, 0, 0))
+  for rgb in _from_file_and_bytes(tmp_path / 'trns.png'):
+    np.testing.assert_array_equal(rgb[0], [bg, [0, 255, 0]])
 
 
 def test_cmyk_jpeg_decodes_to_its_rgb(tmp_path):

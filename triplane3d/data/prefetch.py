@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,10 @@ class DevicePrefetch(grain.DatasetIterator):
       jax.Arrays, leaves (B, ...) sharded over the mesh's batch axes).
     size: batches kept ahead of the consumer (`data.device_prefetch`); 0: none, no thread.
 
+  `waited_s` adds up the seconds `next` blocked for a batch that was not ready yet (with size
+  0, every draw): the input stalls a consumer sees, without the thread hand-overs of a batch
+  that was waiting in the queue.
+
   Only one thread may call `next`, `get_state`, `set_state` and `close` (grain's rule); the
   producer thread is the only one that touches `it` while it runs. Call `close()` when done:
   it stops the thread, then closes `it` (its worker processes).
@@ -58,6 +63,7 @@ class DevicePrefetch(grain.DatasetIterator):
     self._slots = threading.Semaphore(0)
     self._queue: queue.SimpleQueue = queue.SimpleQueue()
     self._state: Any = None  # While the thread runs: `it`'s state after the last batch out.
+    self.waited_s = 0.0
     if not isinstance(size, int) or size < 0:
       self._closed = True  # Refused: garbage collection must not close the caller's `it`.
       raise ValueError(
@@ -74,10 +80,16 @@ class DevicePrefetch(grain.DatasetIterator):
   def __next__(self) -> Any:
     self._assert_not_closed()
     if self._size == 0:
-      return self._put(next(self._it))
+      start = time.perf_counter()
+      batch = self._put(next(self._it))
+      self.waited_s += time.perf_counter() - start
+      return batch
     if self._thread is None:
       self._start()
+    start, ready = time.perf_counter(), not self._queue.empty()
     batch, state, error = self._queue.get()
+    if not ready:
+      self.waited_s += time.perf_counter() - start
     if error is not None:
       # The producer stopped at the error, after every batch it drew was handed out: `it`'s
       # own state is the position again.

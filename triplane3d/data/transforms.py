@@ -219,7 +219,7 @@ class DecodeAugment(grain.transforms.RandomMap):
     d = _resize(Image.fromarray(depth), self.resolution, depth_box)  # float32 → mode 'F'.
     if self.flip and rng.random() < 0.5:
       image, rgb, d = image[:, ::-1], rgb[:, ::-1], d[:, ::-1]
-    out = {  # Flipped views are copied once, into the batch.
+    out = {  # Flipped views stay views until batched (or placed on the devices).
       'image': image,
       'rgb': rgb,
       'depth': map_depth(d, self.near, self.far, **self.depth_args)[..., None],
