@@ -644,8 +644,9 @@ def data_benchmark(
       result['decode_cores_needed'] = need['images_per_s'] * ms / 1e3
       result['decode_cores_needed_at_100pct_mfu'] = need['images_per_s_at_100pct_mfu'] * ms / 1e3
     takes = result['take_cpu_ms_per_image']
-    if takes and takes[max(takes, key=int)] > 0:  # The consuming process's cap (most workers).
-      result['main_process_max_images_per_s'] = 1e3 / takes[max(takes, key=int)]
+    take = takes[max(takes, key=int)] if takes else 0.0  # With the most workers timed.
+    if take > 0:  # The consuming process's cap.
+      result['main_process_max_images_per_s'] = 1e3 / take
   return result
 
 

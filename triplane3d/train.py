@@ -530,7 +530,7 @@ class _Context:
   """What the loop works with besides the step: data, checkpoints, the preemption guard,
   logs and renders."""
 
-  data_iter: Any
+  data_iter: prefetch.DevicePrefetch
   ckpt: checkpoint.Checkpointer
   guard: preemption.PreemptionGuard
   writer: summaries.Writer
@@ -652,9 +652,9 @@ def _loop(
     meter.restart_clock()
     step = start
     while step < setup.num_steps:
-      waited = getattr(ctx.data_iter, 'waited_s', 0.0)
+      waited = ctx.data_iter.waited_s
       batch = next(ctx.data_iter)  # Global and sharded already (`prefetch`).
-      waited = getattr(ctx.data_iter, 'waited_s', 0.0) - waited
+      waited = ctx.data_iter.waited_s - waited
       state, metrics = step_fn(state, batch)
       step += 1
       meter.add(step, metrics, first=step == start + 1, waited=waited)

@@ -39,8 +39,10 @@ IMAGENET_STD = np.asarray([0.229, 0.224, 0.225], np.float32)
 
 
 def imagenet_normalize(pixels) -> np.ndarray:
-  """Pixels (..., 3) in [0, 255] (uint8 or float) → float32 backbone input: ImageNet mean/std."""
-  return (np.asarray(pixels, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  """Pixels (..., 3) in [0, 255] (uint8 or float; numpy, or jax arrays under `jax.jit`) →
+  float32 backbone input: ImageNet mean/std."""
+  x = pixels.astype(np.float32) if hasattr(pixels, 'astype') else np.asarray(pixels, np.float32)
+  return (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
 def float_pixels(example: dict) -> dict:
@@ -53,7 +55,7 @@ def float_pixels(example: dict) -> dict:
   over all 256 × 3 pixel values (tests/data/test_pipeline.py).
   """
   out = dict(example)
-  out['image'] = (example['image'].astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+  out['image'] = imagenet_normalize(example['image'])
   out['rgb'] = example['rgb'].astype(np.float32) / 255.0
   return out
 
